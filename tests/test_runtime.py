@@ -1,0 +1,36 @@
+"""Tripwire: the suite must run on free-threaded CPython with the GIL really disabled.
+
+Importing an extension module that does not declare free-threading support silently
+re-enables the GIL (with only a RuntimeWarning). So this test imports kvs and every
+third-party package the project uses, and only then asserts the GIL is still off.
+"""
+
+import importlib
+import sys
+import sysconfig
+
+import pytest
+
+# kvs itself, then every third-party package of the project (runtime, dev and bench).
+PROJECT_IMPORTS = ["kvs", "pytest", "pytest_timeout", "rich", "numpy", "matplotlib"]
+
+
+@pytest.mark.parametrize("module", PROJECT_IMPORTS)
+def test_module_imports(module: str) -> None:
+    importlib.import_module(module)
+
+
+def test_gil_stays_disabled_after_importing_everything() -> None:
+    for module in PROJECT_IMPORTS:
+        importlib.import_module(module)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401  (pulls in the compiled backends)
+
+    assert sysconfig.get_config_var("Py_GIL_DISABLED") == 1, "not a free-threaded build"
+    assert sys._is_gil_enabled() is False, "an imported extension re-enabled the GIL"
+
+
+def test_interpreter_is_313_or_newer() -> None:
+    assert sys.version_info >= (3, 13)
