@@ -1,0 +1,1 @@
+"""The kvs benchmark suites. Run them with ``scripts/bench``; see ``bench/README.md``."""

@@ -1,0 +1,114 @@
+"""What every benchmark suite shares: result records, statistics, timed thread groups.
+
+A suite module exposes ``run(quick: bool, progress: Progress) -> list[dict]`` returning
+records made by :func:`record`. Statistics are computed with numpy over repetitions that
+follow a warm-up; every benchmark asserts its results are correct before its numbers count.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Progress(Protocol):
+    """Where a suite reports progress: ``progress(done_steps, total_steps, description)``."""
+
+    def __call__(self, done: int, total: int, description: str) -> None: ...
+
+
+def no_progress(done: int, total: int, description: str) -> None:
+    """A Progress that shows nothing (tests, scripts)."""
+
+
+def gil_enabled() -> bool:
+    """True when this process runs with the GIL (PYTHON_GIL=1 or a GIL build)."""
+    return bool(getattr(sys, "_is_gil_enabled", lambda: True)())
+
+
+def record(
+    suite: str,
+    benchmark: str,
+    *,
+    engine: str | None = None,
+    pool: str | None = None,
+    threads: int | None = None,
+    ops_per_sec: float | None = None,
+    p50_us: float | None = None,
+    p99_us: float | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One result record (schema in bench/README.md); ``extra`` adds suite-specific fields."""
+    rec: dict[str, Any] = {
+        "suite": suite,
+        "benchmark": benchmark,
+        "engine": engine,
+        "pool": pool,
+        "threads": threads,
+        "gil": gil_enabled(),
+        "ops_per_sec": None if ops_per_sec is None else float(ops_per_sec),
+        "p50_us": None if p50_us is None else float(p50_us),
+        "p99_us": None if p99_us is None else float(p99_us),
+    }
+    rec.update(extra)
+    return rec
+
+
+def throughput_stats(ops: int, seconds: Sequence[float]) -> dict[str, float]:
+    """Median and p5/p95 throughput (ops/s) over repetitions that each did ``ops`` operations
+    in ``seconds[i]``. Keys: ops_per_sec, ops_per_sec_p5, ops_per_sec_p95, reps."""
+    rates = ops / np.asarray(seconds, dtype=float)
+    return {
+        "ops_per_sec": float(np.median(rates)),
+        "ops_per_sec_p5": float(np.percentile(rates, 5)),
+        "ops_per_sec_p95": float(np.percentile(rates, 95)),
+        "reps": len(rates),
+    }
+
+
+def latency_stats(latencies_s: Sequence[float] | np.ndarray) -> dict[str, float]:
+    """p50 and p99 latency in microseconds of per-operation latencies given in seconds."""
+    arr = np.asarray(latencies_s, dtype=float) * 1e6
+    return {"p50_us": float(np.percentile(arr, 50)), "p99_us": float(np.percentile(arr, 99))}
+
+
+def repeat(fn: Callable[[], float], reps: int, warmup: int = 1) -> list[float]:
+    """Run ``fn`` (which returns the seconds its timed region took) ``warmup`` times
+    untimed, then ``reps`` times; the list of timed seconds."""
+    for _ in range(warmup):
+        fn()
+    return [fn() for _ in range(reps)]
+
+
+def run_threads_timed(workers: Sequence[Callable[[], None]]) -> float:
+    """Start one thread per worker, release them together from a barrier, and return the
+    wall time from the release until the last one finished. Thread start-up is not timed.
+    A worker's exception is re-raised here (benchmarks assert correctness)."""
+    n = len(workers)
+    barrier = threading.Barrier(n + 1)
+    errors: list[BaseException] = []
+    done = [0.0] * n
+
+    def body(i: int, work: Callable[[], None]) -> None:
+        barrier.wait()
+        try:
+            work()
+        except BaseException as exc:  # collected and re-raised in the caller
+            errors.append(exc)
+        done[i] = time.perf_counter()
+
+    threads = [threading.Thread(target=body, args=(i, w), daemon=True) for i, w in enumerate(workers)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return max(done) - start
