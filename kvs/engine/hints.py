@@ -1,0 +1,82 @@
+"""Hint files: the key directory of one compaction output, without the values.
+
+Format version 1 (docs/storage-format.md)::
+
+    magic    8 bytes  b"KVSHINT1"
+    entries  repeated: klen u32, offset u64, length u32, key (klen bytes, UTF-8)
+    trailer  count u64, crc32 u32 of every byte before the crc field
+
+Each entry names a SET record of the segment: its key, its offset and its total length. A
+compaction output holds one record per key and no tombstones, so the entries' order does not
+matter. A hint file that fails any check is ignored (with a warning) and the segment is
+replayed from its log instead; hints are an accelerator, never the only copy of anything.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+
+MAGIC = b"KVSHINT1"
+ENTRY = struct.Struct("<IQI")
+TRAILER = struct.Struct("<QI")
+
+
+class BadHintFile(Exception):
+    """The hint file is damaged or does not match its segment."""
+
+
+def encode_entry(key: bytes, offset: int, length: int) -> bytes:
+    return ENTRY.pack(len(key), offset, length) + key
+
+
+def write_hint_file(path: str, entries: list[bytes], count: int) -> None:
+    """Write ``entries`` (from :func:`encode_entry`) to ``path`` durably: the bytes are fsynced
+    before the function returns (the caller renames the file into place and fsyncs the dir)."""
+    body = b"".join([MAGIC, *entries, struct.pack("<Q", count)])
+    data = body + zlib.crc32(body).to_bytes(4, "little")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_hint_file(path: str, segment_size: int) -> Iterator[tuple[bytes, int, int]]:
+    """Yield ``(key, offset, length)`` of every entry, after checking the whole file.
+
+    Raises :class:`BadHintFile` when the magic, the checksum, the entry count or any entry's
+    bounds (against ``segment_size``, the size of the segment's log) are wrong."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise BadHintFile(f"cannot read: {exc.strerror}") from None
+    if len(data) < len(MAGIC) + TRAILER.size or not data.startswith(MAGIC):
+        raise BadHintFile("bad magic or too short")
+    body_end = len(data) - 4
+    if zlib.crc32(memoryview(data)[:body_end]) != int.from_bytes(data[body_end:], "little"):
+        raise BadHintFile("checksum mismatch")
+    count, _ = TRAILER.unpack_from(data, len(data) - TRAILER.size)
+    end = len(data) - TRAILER.size
+    pos = len(MAGIC)
+    entries = []
+    unpack = ENTRY.unpack_from
+    esize = ENTRY.size
+    while pos < end:
+        if end - pos < esize:
+            raise BadHintFile("truncated entry")
+        klen, offset, length = unpack(data, pos)
+        pos += esize
+        if pos + klen > end or offset + length > segment_size:
+            raise BadHintFile("entry out of bounds")
+        entries.append((data[pos : pos + klen], offset, length))
+        pos += klen
+    if len(entries) != count:
+        raise BadHintFile("entry count mismatch")
+    return iter(entries)

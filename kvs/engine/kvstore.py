@@ -1,0 +1,743 @@
+"""KvStore: the log-structured engine of kvs (Bitcask: log, key directory, merge, hints).
+
+One ``KvStore`` object is shared by every thread of a process; every method is safe from
+any thread. The pieces and who touches them:
+
+Log
+    Append-only segment files (``segments.py`` names and orders them; ``record.py`` is the
+    record format). Writers append to the *active* segment under ``_append_lock``, the one
+    serialization of all writers; the record is encoded and checksummed before the lock.
+
+Index (key directory)
+    ``_stripes``: N dicts, a key's stripe chosen by ``hash(key)``. Value: an ``int`` packing
+    the record's position ``fd << 70 | offset << 30 | length``, immutable and replaced by one
+    dict store. ``_stripe_locks[i]`` is taken by writers of stripe i only, around "append the
+    record, then store its position". So writes to one key are ordered the same way in the
+    log and in the index (linearizable: a ``set`` that returned is visible to every later
+    ``get``, and replay after a restart yields the last acknowledged value). Writers of
+    different stripes only meet in the append.
+
+Readers
+    ``get`` takes no lock: dict lookup, ``os.pread`` of the position, checksum and key check,
+    decode. Free-threaded 3.13 makes a dict lookup ~60x slower when the stored key and value
+    objects are owned by another live thread; every key and position published into the
+    index is therefore marked shareable first (``kvs.freethreading``). Readers announce their
+    reads in a per-thread slot so that retired segments are closed only after a grace period
+    (``readers.py`` has the happens-before argument).
+
+Compaction
+    A background thread (``_compactor``) runs when stale bytes pass ``compaction_threshold``
+    and make up ``compaction_ratio`` of the log. It seals the active segment, copies every
+    live record of the sealed segments into new output segments (``(M, k)``, ordered between
+    their inputs and the next active segment), swaps each index entry with a compare-and-set
+    under that entry's stripe lock (one record at a time), makes the outputs and their hint
+    files durable, writes a marker, waits for a reader grace period, then closes and deletes
+    the inputs. Readers are never blocked; a writer waits at most for one record's swap.
+
+Durability (``fsync=``)
+    ``"never"`` (default): every acknowledged write has been handed to the OS with
+    ``pwrite`` (survives a kill -9 of the process, not a power loss). ``"always"``: fsync
+    before acknowledging, with group commit (concurrent writers share one fsync).
+    ``"interval"``: a background fsync every ``fsync_interval`` seconds (default 1).
+    Compaction outputs, hints and markers are always fsynced before inputs are deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import zlib
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+from kvs.engine import hints, record, segments
+from kvs.engine.base import encode_text
+from kvs.engine.datadir import DataDir, fsync_dir
+from kvs.engine.readers import ReaderRegistry
+from kvs.errors import KeyNotFoundError, KvsError
+from kvs.freethreading import fresh_shared_int, share_fresh, share_fresh_str
+from kvs.limits import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES
+
+log = logging.getLogger("kvs.engine.kvstore")
+
+FORMAT_VERSION = 1
+FsyncPolicy = Literal["never", "always", "interval"]
+FSYNC_POLICIES = ("never", "always", "interval")
+
+# Position packing: fd << 70 | offset << 30 | length (three 30-bit digits for fd < 2**20).
+_FD_SHIFT = 70
+_OFF_SHIFT = 30
+_LEN_MASK = (1 << 30) - 1
+_OFF_MASK = (1 << 40) - 1
+_HEADER_SIZE = record.HEADER_SIZE
+_HEADER_UNPACK = record.HEADER.unpack_from
+share_fresh(_HEADER_UNPACK)  # made just now by this import; read by every reader thread
+_OP_SET = record.OP_SET
+_CRC_RESIDUE = record.CRC_RESIDUE
+_crc32 = zlib.crc32
+_pread = os.pread
+
+
+def _pack(fd: int, offset: int, length: int) -> int:
+    return (fd << _FD_SHIFT) | (offset << _OFF_SHIFT) | length
+
+
+class _Segment:
+    """A segment file. ``size`` and ``durable`` change under ``_append_lock`` (active
+    segment) or belong to the compactor (outputs); readers never use this object."""
+
+    __slots__ = ("gen", "path", "fd", "size", "durable")
+
+    def __init__(self, gen: int, path: Path, fd: int, size: int) -> None:
+        self.gen = gen
+        self.path = path
+        self.fd = fd
+        self.size = size
+        self.durable = size
+
+
+class KvStore:
+    """The log-structured key/value engine. Open with :meth:`KvStore.open`."""
+
+    name = "kvs"
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        fsync: FsyncPolicy = "never",
+        fsync_interval: float = 1.0,
+        compaction_threshold: int = 4 * 1024 * 1024,
+        compaction_ratio: float = 0.5,
+        max_segment_bytes: int = 64 * 1024 * 1024,
+        stripes: int = 256,
+        max_key_bytes: int = DEFAULT_MAX_KEY_BYTES,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        background_compaction: bool = True,
+    ) -> KvStore:
+        """Open (creating if needed) the store in directory ``path`` and replay its log.
+
+        ``compaction_threshold``: stale bytes that start a background compaction, provided
+        they are also at least ``compaction_ratio`` of the log. ``stripes``: index stripes (a
+        power of two). ``background_compaction=False`` leaves compaction to :meth:`compact`.
+        Raises ``KvsError`` for a bad option, a directory in use or of another engine, and
+        for corruption that is not a torn tail."""
+        if fsync not in FSYNC_POLICIES:
+            raise KvsError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {fsync!r}")
+        if not fsync_interval > 0:
+            raise KvsError("fsync_interval must be a positive number of seconds")
+        if stripes < 1 or stripes & (stripes - 1):
+            raise KvsError("stripes must be a power of two")
+        if compaction_threshold < 0 or not 0 <= compaction_ratio <= 1:
+            raise KvsError("compaction_threshold must be >= 0 and compaction_ratio in [0, 1]")
+        if max_key_bytes < 1 or max_value_bytes < 0:
+            raise KvsError("size limits must be positive")
+        if max_segment_bytes < 1024 or max_segment_bytes >= 1 << 40:
+            raise KvsError("max_segment_bytes must be between 1 KiB and 1 TiB")
+        if record.OVERHEAD + max_key_bytes + max_value_bytes > _LEN_MASK:
+            raise KvsError("max_key_bytes + max_value_bytes must stay under 1 GiB")
+        store = cls.__new__(cls)
+        store._init(Path(path), fsync, fsync_interval, compaction_threshold, compaction_ratio,
+                    max_segment_bytes, stripes, max_key_bytes, max_value_bytes)
+        try:
+            store._recover()
+            store._publish_for_readers()
+            store._start_background(background_compaction)
+        except BaseException:
+            store._abort_open()
+            raise
+        return store
+
+    def _init(self, path: Path, fsync: str, fsync_interval: float, compaction_threshold: int,
+              compaction_ratio: float, max_segment_bytes: int, stripes: int,
+              max_key_bytes: int, max_value_bytes: int) -> None:
+        self.path = path
+        self._fsync = fsync
+        self._fsync_interval = fsync_interval
+        self._compaction_threshold = compaction_threshold
+        self._compaction_ratio = compaction_ratio
+        self._max_segment = max_segment_bytes
+        self._max_key = max_key_bytes
+        self._max_value = max_value_bytes
+        self._max_record = record.OVERHEAD + max_key_bytes + max_value_bytes
+        self._closed = True  # until recovery has finished
+        self._dir: DataDir | None = None
+        self._mask = stripes - 1
+        self._stripes: list[dict[str, int]] = [{} for _ in range(stripes)]
+        for stripe in self._stripes:
+            share_fresh(stripe)
+        share_fresh(self._stripes)
+        self._stripe_locks = [threading.Lock() for _ in range(stripes)]
+        self._append_lock = threading.Lock()
+        self._segments: dict[int, _Segment] = {}  # gen -> segment; under _append_lock
+        self._by_fd: dict[int, _Segment] = {}     # fd -> segment; under _append_lock
+        self._active: _Segment | None = None
+        self._total_bytes = 0  # bytes of all segments; under _append_lock
+        self._live_bytes = 0   # bytes of records the index points to; under _append_lock
+        self._failed: str | None = None  # set when a write could not be undone
+        self._readers = ReaderRegistry()
+        self._reader_local = self._readers.local
+        share_fresh(self._reader_local)
+        self._compact_lock = threading.Lock()
+        self._compaction_wanted = threading.Event()
+        self._stopping = threading.Event()
+        self._sync_cond = threading.Condition()
+        self._syncing = False
+        self._threads: list[threading.Thread] = []
+        self._close_lock = threading.Lock()
+        self.compactions = 0
+
+    def _abort_open(self) -> None:
+        self._stopping.set()
+        self._compaction_wanted.set()
+        for t in self._threads:
+            t.join()
+        for seg in self._segments.values():
+            os.close(seg.fd)
+        self._segments.clear()
+        if self._dir is not None:
+            self._dir.close()
+
+    # ------------------------------------------------------------------ recovery
+    def _recover(self) -> None:
+        self._dir = DataDir(self.path, self.name, FORMAT_VERSION)
+        directory = self.path
+        for entry in directory.iterdir():
+            if entry.name.endswith(".tmp"):
+                entry.unlink()  # an interrupted compaction's output: its inputs are intact
+        for major in segments.list_markers(directory):
+            # Compaction `major` finished its outputs but may not have deleted its inputs.
+            for g in segments.list_segments(directory):
+                if g < segments.gen(major, 1):
+                    (directory / segments.log_name(g)).unlink(missing_ok=True)
+                    (directory / segments.hint_name(g)).unlink(missing_ok=True)
+            (directory / segments.marker_name(major)).unlink()
+        gens = segments.list_segments(directory)
+        for g in gens:
+            newest = g == gens[-1]
+            seg = self._open_segment_file(g, writable=newest)
+            self._replay(seg, newest)
+        for h in directory.glob("*.hint"):
+            if h.with_suffix(".log").name not in {segments.log_name(g) for g in self._segments}:
+                h.unlink()  # a hint whose segment is gone
+        # Empty segments carry nothing; the newest one is reused as the active segment.
+        next_major = segments.major_of(gens[-1]) + 1 if gens else 1
+        last = self._segments.get(gens[-1]) if gens else None
+        if last is not None and last.size == 0 and segments.minor_of(last.gen) == 0:
+            self._active = last
+        else:
+            self._active = self._create_segment(segments.gen(next_major))
+        self._live_bytes = sum(pos & _LEN_MASK for s in self._stripes for pos in s.values())
+        self._total_bytes = sum(s.size for s in self._segments.values())
+        self._closed = False
+        log.debug("opened %s: %d keys, %d segments, %d live of %d bytes", self.path,
+                  sum(len(s) for s in self._stripes), len(self._segments),
+                  self._live_bytes, self._total_bytes)
+
+    def _open_segment_file(self, g: int, writable: bool) -> _Segment:
+        path = self.path / segments.log_name(g)
+        try:
+            fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        except OSError as exc:
+            raise KvsError(f"cannot open {path}: {exc.strerror}") from None
+        seg = _Segment(g, path, fd, os.fstat(fd).st_size)
+        self._segments[g] = seg
+        self._by_fd[fd] = seg
+        return seg
+
+    def _create_segment(self, g: int) -> _Segment:
+        path = self.path / segments.log_name(g)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            if self._fsync != "never":
+                fsync_dir(self.path)
+        except OSError as exc:
+            raise KvsError(f"cannot create segment {path}: {exc.strerror}") from None
+        seg = _Segment(g, path, fd, 0)
+        self._segments[g] = seg
+        self._by_fd[fd] = seg
+        return seg
+
+    def _replay(self, seg: _Segment, newest: bool) -> None:
+        """Apply the records of ``seg`` to the index, from its hint file when it has a good
+        one. A damaged tail of the newest segment is cut off; other damage is an error."""
+        hint_path = self.path / segments.hint_name(seg.gen)
+        if hint_path.exists():
+            try:
+                entries = list(hints.read_hint_file(str(hint_path), seg.size))
+            except hints.BadHintFile as exc:
+                log.warning("%s: %s; replaying %s from its log instead", hint_path, exc, seg.path.name)
+            else:
+                for key, offset, length in entries:
+                    self._index_put(key, _pack(seg.fd, offset, length))
+                return
+        data = _read_all(seg)
+        pos = 0
+        try:
+            for pos, op, key, length in record.scan(data, self._max_record):
+                if op == _OP_SET:
+                    self._index_put(key, _pack(seg.fd, pos, length))
+                else:
+                    self._stripes[hash(k := key.decode()) & self._mask].pop(k, None)
+        except record.CorruptRecord as exc:
+            if newest and _is_torn_tail(data, exc.offset, self._max_record):
+                log.warning("%s: cutting off a torn or corrupt record at offset %d (%s), "
+                            "%d bytes: the tail of an interrupted write",
+                            seg.path, exc.offset, exc.reason, len(data) - exc.offset)
+                try:
+                    os.ftruncate(seg.fd, exc.offset)
+                    os.fsync(seg.fd)
+                except OSError as err:
+                    raise KvsError(f"cannot truncate the torn tail of {seg.path}: {err.strerror}") from None
+                seg.size = seg.durable = exc.offset
+            else:
+                raise KvsError(f"data corruption in {seg.path} at offset {exc.offset}: {exc.reason}") from None
+
+    def _index_put(self, key_bytes: bytes, pos: int) -> None:
+        key = key_bytes.decode()
+        stripe = self._stripes[hash(key) & self._mask]
+        share_fresh(pos)
+        if key in stripe:
+            stripe[key] = pos
+        else:
+            share_fresh_str(key)
+            stripe[key] = pos
+
+    def _publish_for_readers(self) -> None:
+        """Mark the objects ``get`` loads from ``self`` as shareable. Attribute loads, like
+        dict lookups, take CPython's locked slow path for an object owned by another live
+        thread (the opening thread) unless it is marked. Runs before any other thread can
+        reach the store."""
+        self._max_key = fresh_shared_int(self._max_key)
+        self._mask = fresh_shared_int(self._mask)
+        share_fresh(self._readers)
+        share_fresh(self)
+
+    def _start_background(self, compaction: bool) -> None:
+        if compaction:
+            t = threading.Thread(target=self._compactor, name=f"kvs-compactor[{self.path.name}]", daemon=True)
+            self._threads.append(t)
+            t.start()
+        if self._fsync == "interval":
+            t = threading.Thread(target=self._interval_syncer, name=f"kvs-fsync[{self.path.name}]", daemon=True)
+            self._threads.append(t)
+            t.start()
+        self._maybe_want_compaction()
+
+    # ------------------------------------------------------------------ public API
+    def get(self, key: str) -> str | None:
+        """The value of ``key``, or ``None``. Takes no lock (see the module docstring)."""
+        if type(key) is not str:
+            key = _check_str(key, "key")
+        try:
+            kb = key.encode()
+        except UnicodeEncodeError:
+            kb = encode_text(key, "key", self._max_key)  # raises the proper KvsError
+        if len(kb) > self._max_key:
+            encode_text(key, "key", self._max_key)
+        try:
+            slot = self._reader_local.slot
+        except AttributeError:
+            slot = self._readers.register()
+        state = slot[0] + 1  # odd: inside a read (readers.py)
+        slot[0] = state
+        try:
+            if self._closed:
+                raise KvsError("the store is closed")
+            pos = self._stripes[hash(key) & self._mask].get(key)
+            if pos is None:
+                return None
+            length = pos & _LEN_MASK
+            data = _pread(pos >> _FD_SHIFT, length, (pos >> _OFF_SHIFT) & _OFF_MASK)
+        except OSError as exc:
+            raise KvsError(f"cannot read {self.path}: {exc.strerror}") from None
+        finally:
+            slot[0] = (state + 1) & 255
+        op, klen, vlen = _HEADER_UNPACK(data)
+        if (_crc32(data) != _CRC_RESIDUE or len(data) != length or op != _OP_SET
+                or klen != len(kb) or not data.startswith(kb, _HEADER_SIZE)):
+            raise KvsError(f"data corruption in {self.path}: the record of key {key!r} fails its checks")
+        start = _HEADER_SIZE + klen
+        return data[start:start + vlen].decode()
+
+    def set(self, key: str, value: str) -> None:
+        """Store ``value`` under ``key``. Returns once the write is acknowledged (``fsync``)."""
+        if type(key) is not str:
+            key = _check_str(key, "key")
+        kb = encode_text(key, "key", self._max_key)
+        vb = encode_text(value, "value", self._max_value)
+        rec = record.encode_set(kb, vb)
+        n = len(rec)
+        i = hash(key) & self._mask
+        stripe = self._stripes[i]
+        with self._stripe_locks[i]:
+            old = stripe.get(key)
+            seg, pos = self._append(rec, n, n if old is None else n - (old & _LEN_MASK))
+            share_fresh(pos)
+            if old is None:
+                stored_key = kb.decode()  # our own object, safe to mark shareable
+                share_fresh_str(stored_key)
+                stripe[stored_key] = pos
+            else:
+                stripe[key] = pos  # the dict keeps its stored (shareable) key object
+        self._acknowledge(seg, pos)
+
+    def remove(self, key: str) -> None:
+        """Delete ``key``; ``KeyNotFoundError`` when it is absent."""
+        if type(key) is not str:
+            key = _check_str(key, "key")
+        kb = encode_text(key, "key", self._max_key)
+        rec = record.encode_tombstone(kb)
+        i = hash(key) & self._mask
+        stripe = self._stripes[i]
+        with self._stripe_locks[i]:
+            old = stripe.get(key)
+            if old is None:
+                if self._closed:
+                    raise KvsError("the store is closed")
+                raise KeyNotFoundError(key)
+            seg, pos = self._append(rec, len(rec), -(old & _LEN_MASK))
+            del stripe[key]
+        self._acknowledge(seg, pos)
+
+    def __len__(self) -> int:
+        """The number of keys (a snapshot when writers are active)."""
+        self._check_open()
+        return sum(len(s) for s in self._stripes)
+
+    def keys(self) -> list[str]:
+        """A snapshot of the keys (each stripe copied under its lock)."""
+        self._check_open()
+        out: list[str] = []
+        for stripe, lock in zip(self._stripes, self._stripe_locks):
+            with lock:
+                out.extend(stripe)
+        return out
+
+    def stats(self) -> dict[str, int]:
+        """Sizes for monitoring and benchmarks: keys, segments, live/total bytes, compactions."""
+        self._check_open()
+        with self._append_lock:
+            return {"keys": sum(len(s) for s in self._stripes), "segments": len(self._segments),
+                    "live_bytes": self._live_bytes, "total_bytes": self._total_bytes,
+                    "compactions": self.compactions}
+
+    def close(self) -> None:
+        """Stop the background threads, flush, release the directory. Idempotent; calls
+        that race with ``close`` may fail with ``KvsError``, later ones always do."""
+        with self._close_lock:
+            if self._closed and self._dir is None:
+                return
+            self._stopping.set()
+            self._compaction_wanted.set()
+            with self._sync_cond:
+                self._sync_cond.notify_all()
+            for t in self._threads:
+                if t is not threading.current_thread():
+                    t.join()
+            with self._compact_lock, self._append_lock:
+                self._closed = True
+                if self._fsync != "never" and self._active is not None and self._failed is None:
+                    try:
+                        os.fsync(self._active.fd)
+                    except OSError as exc:
+                        log.error("%s: final fsync failed: %s", self._active.path, exc.strerror)
+            self._readers.grace_period()
+            for seg in self._segments.values():
+                os.close(seg.fd)
+            self._segments.clear()
+            self._by_fd.clear()
+            if self._dir is not None:
+                self._dir.close()
+                self._dir = None
+
+    def __enter__(self) -> KvStore:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<KvStore {str(self.path)!r}{' closed' if self._closed else ''}>"
+
+    # ------------------------------------------------------------------ writing
+    def _check_open(self) -> None:
+        if self._closed:
+            raise KvsError("the store is closed")
+
+    def _append(self, rec: bytes, n: int, live_delta: int) -> tuple[_Segment, int]:
+        """Write ``rec`` at the end of the active segment; its segment and packed position.
+
+        The only critical section all writers share: offset, ``pwrite``, bookkeeping."""
+        with self._append_lock:
+            if self._closed:
+                raise KvsError("the store is closed")
+            if self._failed is not None:
+                raise KvsError(self._failed)
+            seg = self._active
+            offset = seg.size
+            try:
+                written = os.pwrite(seg.fd, rec, offset)
+                while written < n:  # a short write (e.g. disk nearly full): finish or fail
+                    more = os.pwrite(seg.fd, rec[written:], offset + written)
+                    if more <= 0:
+                        raise OSError(28, "No space left on device")
+                    written += more
+            except OSError as exc:
+                self._undo_partial_write(seg, offset)
+                raise KvsError(f"cannot write to {seg.path}: {exc.strerror}") from None
+            seg.size = offset + n
+            self._total_bytes += n
+            self._live_bytes += live_delta
+            if seg.size >= self._max_segment:
+                self._roll_over()
+        return seg, _pack(seg.fd, offset, n)
+
+    def _undo_partial_write(self, seg: _Segment, offset: int) -> None:
+        """Cut a failed write's partial bytes, so that later records follow the last good one."""
+        try:
+            os.ftruncate(seg.fd, offset)
+        except OSError as exc:
+            self._failed = (f"{seg.path} could not be repaired after a failed write "
+                            f"({exc.strerror}); the store refuses writes until reopened")
+            log.error("%s", self._failed)
+
+    def _roll_over(self) -> None:
+        """Seal the active segment and start the next one. Caller holds ``_append_lock``."""
+        old = self._active
+        if self._fsync != "never":
+            os.fsync(old.fd)
+            old.durable = old.size
+        self._active = self._create_segment(segments.gen(segments.major_of(old.gen) + 1))
+        with self._sync_cond:
+            self._sync_cond.notify_all()
+
+    def _acknowledge(self, seg: _Segment, pos: int) -> None:
+        """Return when the write ending at ``pos`` is as durable as the policy promises."""
+        if self._fsync == "always":
+            self._group_commit(seg, ((pos >> _OFF_SHIFT) & _OFF_MASK) + (pos & _LEN_MASK))
+        if not self._compaction_wanted.is_set():
+            self._maybe_want_compaction()
+
+    def _group_commit(self, seg: _Segment, end: int) -> None:
+        """fsync so that ``seg`` is durable up to ``end``, sharing fsyncs: one writer (the
+        leader) fsyncs everything written so far while the others wait for its result."""
+        with self._sync_cond:
+            while seg.durable < end:
+                if self._syncing:
+                    self._sync_cond.wait()
+                    continue
+                self._syncing = True
+                target = seg.size  # every byte below it was written before this fsync starts
+                self._sync_cond.release()
+                try:
+                    os.fsync(seg.fd)
+                except OSError as exc:
+                    raise KvsError(f"fsync of {seg.path} failed: {exc.strerror}") from None
+                finally:
+                    self._sync_cond.acquire()
+                    self._syncing = False
+                    self._sync_cond.notify_all()
+                if target > seg.durable:
+                    seg.durable = target
+
+    def _interval_syncer(self) -> None:
+        """Background fsync of the active segment every ``fsync_interval`` seconds."""
+        while not self._stopping.wait(self._fsync_interval):
+            seg = self._active
+            if seg is not None and seg.durable < seg.size:
+                target = seg.size
+                try:
+                    os.fsync(seg.fd)
+                    seg.durable = max(seg.durable, target)
+                except OSError as exc:
+                    log.error("interval fsync of %s failed: %s", seg.path, exc.strerror)
+
+    # ------------------------------------------------------------------ compaction
+    def _maybe_want_compaction(self) -> None:
+        stale = self._total_bytes - self._live_bytes
+        if stale >= self._compaction_threshold and stale >= self._compaction_ratio * self._total_bytes:
+            self._compaction_wanted.set()
+
+    def _compactor(self) -> None:
+        """The background compaction thread: waits for the trigger, compacts, repeats."""
+        backoff = 1.0
+        while True:
+            self._compaction_wanted.wait()
+            if self._stopping.is_set():
+                return
+            self._compaction_wanted.clear()
+            try:
+                self.compact()
+                backoff = 1.0
+            except Exception:
+                log.exception("compaction of %s failed; retrying in %.0f s", self.path, backoff)
+                if self._stopping.wait(backoff):
+                    return
+                backoff = min(backoff * 2, 60.0)
+
+    def compact(self) -> None:
+        """Merge every sealed segment into new ones holding only live records (runs in the
+        calling thread; the background compactor calls this too)."""
+        with self._compact_lock:
+            self._check_open()
+            with self._append_lock:
+                self._roll_over()
+                active_gen = self._active.gen
+                inputs = [s for g, s in sorted(self._segments.items()) if g != active_gen]
+            if not inputs:
+                return
+            major = segments.major_of(inputs[-1].gen)
+            outputs = _CompactionOutput(self, major)
+            try:
+                for seg in inputs:
+                    self._copy_live_records(seg, outputs)
+                outputs.finish()
+            finally:
+                # Even after a failure the outputs stay: index entries may point into them
+                # (each record was written before its entry was swapped), and the inputs are
+                # kept too, so every record still exists on disk; a later compaction merges
+                # both. Files still named *.tmp are dropped at the next open, which replays
+                # the inputs.
+                with self._append_lock:
+                    for seg in outputs.segments:
+                        self._segments[seg.gen] = seg
+                        self._by_fd[seg.fd] = seg
+                        self._total_bytes += seg.size
+            # Outputs and hints are durable; from here on the inputs are redundant.
+            marker = self.path / segments.marker_name(major)
+            _write_durable(marker, b"")
+            self._readers.grace_period()
+            with self._append_lock:
+                for seg in inputs:
+                    del self._segments[seg.gen]
+                    del self._by_fd[seg.fd]
+                    self._total_bytes -= seg.size
+            for seg in inputs:
+                os.close(seg.fd)
+                seg.path.unlink(missing_ok=True)
+                (self.path / segments.hint_name(seg.gen)).unlink(missing_ok=True)
+            marker.unlink()
+            fsync_dir(self.path)
+            self.compactions += 1
+            log.debug("compacted %s: %d segments into %d", self.path, len(inputs), len(outputs.segments))
+
+    def _copy_live_records(self, seg: _Segment, out: _CompactionOutput) -> None:
+        """Copy the records of ``seg`` that the index still points to, swapping each entry."""
+        data = _read_all(seg)
+        fd = seg.fd
+        mask = self._mask
+        stripes = self._stripes
+        for offset, op, key_bytes, length in record.scan(data, self._max_record):
+            if op != _OP_SET:
+                continue
+            key = key_bytes.decode()
+            old = _pack(fd, offset, length)
+            i = hash(key) & mask
+            if stripes[i].get(key) != old:
+                continue  # overwritten or removed since: dead
+            new = out.add(data[offset:offset + length], key_bytes)
+            share_fresh(new)
+            with self._stripe_locks[i]:
+                if stripes[i].get(key) == old:  # compare-and-set: a writer may have won
+                    stripes[i][key] = new
+
+
+class _CompactionOutput:
+    """The output segments of one compaction: ``(major, 1)``, ``(major, 2)``, … written as
+    ``*.tmp`` files, renamed into place with their hint files once complete and durable."""
+
+    def __init__(self, store: KvStore, major: int) -> None:
+        self.store = store
+        self.major = major
+        self.segments: list[_Segment] = []
+        self._hints: list[list[bytes]] = []
+        self._tmp_paths: list[Path] = []
+        self._current: _Segment | None = None
+
+    def _next_segment(self) -> _Segment:
+        g = segments.gen(self.major, len(self.segments) + 1)
+        final = self.store.path / segments.log_name(g)
+        tmp = final.with_name(final.name + ".tmp")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        seg = _Segment(g, final, fd, 0)
+        self.segments.append(seg)
+        self._hints.append([])
+        self._tmp_paths.append(tmp)
+        return seg
+
+    def add(self, rec: bytes, key: bytes) -> int:
+        """Append one record; its new packed position (readable at once through the fd)."""
+        seg = self._current
+        if seg is None or seg.size >= self.store._max_segment:
+            seg = self._current = self._next_segment()
+        offset = seg.size
+        view = memoryview(rec)
+        while view:
+            view = view[os.pwrite(seg.fd, view, offset + len(rec) - len(view)):]
+        seg.size = offset + len(rec)
+        self._hints[-1].append(hints.encode_entry(key, offset, len(rec)))
+        return _pack(seg.fd, offset, len(rec))
+
+    def finish(self) -> None:
+        """Make every output and hint file durable and give them their final names."""
+        for seg, entries, tmp in zip(self.segments, self._hints, self._tmp_paths):
+            os.fsync(seg.fd)
+            seg.durable = seg.size
+            hint_tmp = self.store.path / (segments.hint_name(seg.gen) + ".tmp")
+            hints.write_hint_file(str(hint_tmp), entries, len(entries))
+            os.replace(hint_tmp, self.store.path / segments.hint_name(seg.gen))
+            os.replace(tmp, seg.path)
+        fsync_dir(self.store.path)
+        self._hints = []
+
+
+def _check_str(value: object, what: str) -> str:
+    if isinstance(value, str):
+        return str(value)
+    raise TypeError(f"{what} must be str, not {type(value).__name__}")
+
+
+def _read_all(seg: _Segment) -> bytes:
+    chunks = []
+    offset = 0
+    while offset < seg.size:
+        chunk = os.pread(seg.fd, min(seg.size - offset, 16 * 1024 * 1024), offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def _is_torn_tail(data: bytes, offset: int, max_record: int) -> bool:
+    """True when the damage at ``offset`` can only be an interrupted final write: nothing
+    valid follows it. A record whose header still gives a plausible length and after which
+    the log continues with valid records means corruption in the middle."""
+    if len(data) - offset < record.OVERHEAD:
+        return True
+    op, klen, vlen = _HEADER_UNPACK(data, offset)
+    nxt = offset + record.OVERHEAD + klen + vlen
+    if op not in (record.OP_SET, record.OP_TOMBSTONE) or nxt >= len(data) or nxt - offset > max_record:
+        return True
+    try:
+        for _ in record.scan(memoryview(data)[nxt:], max_record):
+            pass
+    except record.CorruptRecord:
+        return True
+    return False
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)

@@ -1,0 +1,107 @@
+"""Sharing objects between threads on free-threaded CPython 3.13 without its slow path.
+
+On a free-threaded build every object is *owned* by the thread that created it: the owner
+updates a cheap local reference count, every other thread an atomic *shared* count. The
+lock-free read paths of dict and list (``_Py_TryIncrefCompare`` in ``pycore_object.h``) must
+take a reference to the item they found; for an object owned by another live thread, whose
+shared count is still zero, that attempt is refused and the read falls back to locking the
+container. For a dict lookup we measured ~27 us instead of ~0.4 us on this machine
+(``docs/free-threading.md``): a server whose pool threads write keys that other pool threads
+read lives entirely on that slow path.
+
+CPython's own answer is a flag in the shared count, ``_Py_REF_MAYBE_WEAKREF`` (bit 0), which
+``_Py_TryIncRefShared`` accepts: it is what creating a weak reference sets, and what 3.14
+exposes as ``PyUnstable_EnableTryIncRef``. :func:`share_fresh` sets it on 3.13, where no API
+does, through ``ctypes``. The flag only says "other threads may take references to this
+object"; reference counting, deallocation and merging at thread exit keep working exactly as
+for an object that once had a weak reference.
+
+Safety contract (caller's duty): the object was created by the calling thread and no other
+thread can reach it yet. Then no other thread can be updating its shared count, so the plain
+store below cannot race. After the object is published (e.g. inserted into a shared dict
+under a lock or by an atomic dict store) the flag is visible to every reader with it.
+
+The object layout is checked once at import (``ob_type`` at offset 24, ``ob_ref_local`` at 12,
+``ob_ref_shared`` at 16 on 64-bit 3.13t); if the check fails, or on a GIL build, sharing is
+a no-op and :data:`SHARING_ENABLED` is False.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import sys
+import sysconfig
+
+log = logging.getLogger("kvs.freethreading")
+
+FREE_THREADED = sysconfig.get_config_var("Py_GIL_DISABLED") == 1
+
+_OB_REF_LOCAL = 12
+_OB_REF_SHARED = 16
+_OB_TYPE = 24
+_ssize_at = ctypes.c_ssize_t.from_address
+_u32_at = ctypes.c_uint32.from_address
+
+
+def _layout_is_as_expected() -> bool:
+    """True when this interpreter lays objects out as 64-bit free-threaded CPython 3.13 does."""
+    if not FREE_THREADED or sys.version_info[:2] != (3, 13) or ctypes.sizeof(ctypes.c_void_p) != 8:
+        return False
+
+    class Probe:
+        pass
+
+    probe = Probe()
+    if ctypes.c_void_p.from_address(id(probe) + _OB_TYPE).value != id(Probe):
+        return False
+    before = _u32_at(id(probe) + _OB_REF_LOCAL).value
+    extra = [probe, probe]
+    after = _u32_at(id(probe) + _OB_REF_LOCAL).value
+    del extra
+    return after == before + 2 and _ssize_at(id(probe) + _OB_REF_SHARED).value == 0
+
+
+SHARING_ENABLED = _layout_is_as_expected()
+if FREE_THREADED and not SHARING_ENABLED:
+    log.warning("free-threaded CPython %s: object layout not recognized; cross-thread dict "
+                "lookups of kvs may take CPython's slow path", sys.version.split()[0])
+
+
+def share_fresh(obj: object) -> None:
+    """Let other threads take references to ``obj`` lock-free (see the module docstring).
+
+    ``obj`` must have been created by the calling thread, must not be reachable by any other
+    thread yet, and must not be immortal (small ints, one-character latin-1 strings and
+    interned strings are: they need no flag). Costs about 0.3 us."""
+    if SHARING_ENABLED:
+        shared = _ssize_at(id(obj) + _OB_REF_SHARED)
+        if shared.value == 0:
+            shared.value = 1  # _Py_REF_MAYBE_WEAKREF
+
+
+def share_fresh_str(text: str) -> None:
+    """:func:`share_fresh` for a string just made by ``bytes.decode``: skips the immortal
+    singletons (the empty string and one-character latin-1 strings)."""
+    if len(text) > 1 or (text and ord(text) > 0xFF):
+        share_fresh(text)
+
+
+def is_shareable(obj: object) -> bool:
+    """True when another thread can take a reference to ``obj`` without the slow path
+    (the flag is set, the shared count is non-zero, or the object is immortal). Tests use it."""
+    if not SHARING_ENABLED:
+        return True
+    if _u32_at(id(obj) + _OB_REF_LOCAL).value == 0xFFFFFFFF:
+        return True
+    return _ssize_at(id(obj) + _OB_REF_SHARED).value != 0
+
+
+def fresh_shared_int(n: int) -> int:
+    """An int equal to ``n`` that other threads can read lock-free: a new object marked
+    shareable, or ``n`` itself when it is a (immortal) small int."""
+    if -5 <= n <= 256:
+        return n
+    m = int.from_bytes(n.to_bytes(16, "little", signed=True), "little", signed=True)
+    share_fresh(m)
+    return m
