@@ -1,0 +1,697 @@
+"""The kvs binary protocol (version 1): pure encoding and decoding of frames over bytes.
+
+No sockets, no threads, no clocks: every function here maps bytes to values and back, so
+the protocol can be tested and fuzzed on its own (the h11 model). The specification is
+docs/protocol.md; this module is its executable form and the two must agree.
+
+Request frame (12-byte header, then the key bytes, then the value bytes)::
+
+    magic 0xCB | version 1 | op | flags 0 | key length u32 BE | value length u32 BE | key | value
+
+Response frame (8-byte header, then the payload)::
+
+    magic 0xCC | version 1 | status | flags 0 | payload length u32 BE | payload
+
+Invariants the rest of kvs relies on:
+
+* The first byte of every request is ``REQUEST_MAGIC`` (0xCB, >= 0x80), so a server can tell
+  this protocol from RESP (``*`` or an ASCII letter) by the first byte of a connection.
+* A frame's total length is known from its header alone. A header whose magic, version or
+  length is unacceptable is *fatal* (``ProtocolError.fatal``): it is rejected as soon as the
+  offending header bytes are present, without waiting for or allocating the body.
+* Any other malformed frame (unknown op, non-zero flags, a key or value over its limit or
+  not valid UTF-8, a key or value on an op that takes none) is *recoverable*: the decoder
+  yields a ``ProtocolError`` in place of that request, skips exactly that frame, and the
+  frames after it decode normally. Responses therefore stay one per request, in order.
+* Decoders only ever raise ``ProtocolError``, whatever bytes they are fed.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+from typing import NamedTuple
+
+from kvs.errors import KvsError
+from kvs.limits import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "PROTOCOL_VERSION",
+    "REQUEST_HEADER_SIZE",
+    "REQUEST_MAGIC",
+    "RESPONSE_HEADER_SIZE",
+    "RESPONSE_MAGIC",
+    "NOT_FOUND_RESPONSE",
+    "OK_RESPONSE",
+    "PONG_RESPONSE",
+    "Op",
+    "ProtocolError",
+    "Request",
+    "RequestDecoder",
+    "Response",
+    "ResponseDecoder",
+    "Status",
+    "complete_frames_length",
+    "encode_error",
+    "encode_fatal",
+    "encode_get",
+    "encode_not_found",
+    "encode_ok",
+    "encode_ping",
+    "encode_pong",
+    "encode_remove",
+    "encode_request",
+    "encode_response",
+    "encode_set",
+    "encode_value",
+    "max_request_frame_bytes",
+    "parse_requests",
+    "parse_responses",
+]
+
+# --------------------------------------------------------------------------------------------
+# Constants of the wire format
+
+REQUEST_MAGIC = 0xCB
+"""First byte of every request frame. >= 0x80, so never the first byte of a RESP command."""
+
+RESPONSE_MAGIC = 0xCC
+"""First byte of every response frame (distinct from requests, to catch crossed wires)."""
+
+PROTOCOL_VERSION = 1
+"""Second byte of every frame. A server that meets another version answers FATAL and closes."""
+
+REQUEST_HEADER_SIZE = 12
+RESPONSE_HEADER_SIZE = 8
+
+MAX_MESSAGE_BYTES = 4096
+"""Longest error message ``encode_error``/``encode_fatal`` put on the wire (longer ones are cut)."""
+
+_U32_MAX = 0xFFFFFFFF
+
+_REQ_HEADER = struct.Struct(">HHII")  # (magic << 8 | version), (op << 8 | flags), key len, value len
+_RESP_HEADER = struct.Struct(">HHI")  # (magic << 8 | version), (status << 8 | flags), payload len
+_unpack_req = _REQ_HEADER.unpack_from
+_pack_req = _REQ_HEADER.pack
+_unpack_resp = _RESP_HEADER.unpack_from
+_pack_resp = _RESP_HEADER.pack
+
+_REQ_MV = REQUEST_MAGIC << 8 | PROTOCOL_VERSION
+_RESP_MV = RESPONSE_MAGIC << 8 | PROTOCOL_VERSION
+
+
+class Op(IntEnum):
+    """Request operation codes (the third header byte). Compare with ``==`` or ``is``."""
+
+    PING = 1
+    GET = 2
+    SET = 3
+    REMOVE = 4
+
+
+class Status(IntEnum):
+    """Response status codes (the third header byte of a response)."""
+
+    OK = 0
+    """SET stored the value / REMOVE deleted the key. No payload."""
+    VALUE = 1
+    """GET found the key. Payload: the value (UTF-8)."""
+    NOT_FOUND = 2
+    """GET or REMOVE of a key that is absent. No payload."""
+    PONG = 3
+    """Answer to PING. No payload."""
+    ERROR = 4
+    """The request failed; the connection continues. Payload: a UTF-8 message."""
+    FATAL = 5
+    """Protocol violation; the server closes the connection after this frame. Payload: message."""
+
+
+# The (op << 8 | flags) header field of each valid request, flags being 0.
+_PING_OF = Op.PING << 8
+_GET_OF = Op.GET << 8
+_SET_OF = Op.SET << 8
+_REMOVE_OF = Op.REMOVE << 8
+_PING, _GET, _SET, _REMOVE = Op.PING, Op.GET, Op.SET, Op.REMOVE
+
+_NO_PAYLOAD = frozenset({Status.OK, Status.NOT_FOUND, Status.PONG})
+
+
+# --------------------------------------------------------------------------------------------
+# Values
+
+
+class ProtocolError(KvsError):
+    """Bytes that break the protocol.
+
+    ``fatal`` False: one frame was malformed but its extent was known; it has been skipped and
+    the stream continues (the server answers it with an ERROR response, in order).
+    ``fatal`` True: the stream cannot be framed any more; the server sends a FATAL response
+    and closes the connection; a decoder that raised it stays failed.
+
+    When a decoder raises a fatal error, ``preceding`` holds the items it decoded from the
+    same input before the offending frame (to be answered before closing), and ``offset`` is
+    the number of bytes of complete frames before it (relative to where decoding started).
+    """
+
+    def __init__(self, message: str, *, fatal: bool = False, preceding: list | None = None, offset: int = 0) -> None:
+        super().__init__(message)
+        self.fatal = fatal
+        self.preceding: list = preceding if preceding is not None else []
+        self.offset = offset
+
+    def __repr__(self) -> str:
+        return f"ProtocolError({str(self)!r}, fatal={self.fatal})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ProtocolError):
+            return NotImplemented
+        return str(self) == str(other) and self.fatal == other.fatal
+
+    __hash__ = KvsError.__hash__
+
+
+class Request(NamedTuple):
+    """One decoded request. ``key`` is None for PING; ``value`` is None except for SET.
+
+    Built with ``tuple.__new__`` on the hot path (the cheapest immutable record measured).
+    """
+
+    op: Op
+    key: str | None
+    value: str | None
+
+
+class Response(NamedTuple):
+    """One decoded response. ``value`` is the value for VALUE, the message for ERROR and
+    FATAL, and None for the statuses without payload."""
+
+    status: Status
+    value: str | None
+
+
+_new = tuple.__new__
+
+
+def max_request_frame_bytes(max_key_bytes: int = DEFAULT_MAX_KEY_BYTES, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> int:
+    """The longest request frame a decoder with these limits buffers (header + key + value);
+    a header announcing more is fatal."""
+    return REQUEST_HEADER_SIZE + max_key_bytes + max_value_bytes
+
+
+# --------------------------------------------------------------------------------------------
+# Requests: boundaries and decoding
+
+
+def _fatal_request_header(buf, pos: int, end: int, max_body: int, preceding: list, offset: int) -> ProtocolError | None:
+    """The fatal error for the (possibly partial) request header at ``pos``, or None if the
+    bytes present are acceptable so far. Called off the hot path only."""
+    avail = end - pos
+    if avail <= 0:
+        return None
+    b0 = buf[pos]
+    if b0 != REQUEST_MAGIC:
+        return ProtocolError(
+            f"bad magic byte 0x{b0:02x} at the start of a frame (expected 0x{REQUEST_MAGIC:02x}): "
+            "not a kvs protocol frame",
+            fatal=True, preceding=preceding, offset=offset,
+        )
+    if avail < 2:
+        return None
+    b1 = buf[pos + 1]
+    if b1 != PROTOCOL_VERSION:
+        return ProtocolError(
+            f"unsupported protocol version {b1} (this side speaks version {PROTOCOL_VERSION})",
+            fatal=True, preceding=preceding, offset=offset,
+        )
+    if avail < REQUEST_HEADER_SIZE:
+        return None
+    _, _, klen, vlen = _unpack_req(buf, pos)
+    if klen + vlen > max_body:
+        return ProtocolError(
+            f"frame announces {REQUEST_HEADER_SIZE + klen + vlen} bytes, over the maximum frame size "
+            f"of {REQUEST_HEADER_SIZE + max_body} bytes",
+            fatal=True, preceding=preceding, offset=offset,
+        )
+    return None
+
+
+def complete_frames_length(
+    buf: bytes | bytearray | memoryview,
+    start: int = 0,
+    end: int | None = None,
+    *,
+    max_key_bytes: int = DEFAULT_MAX_KEY_BYTES,
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+) -> int:
+    """How many bytes of ``buf[start:end]``, from ``start``, form complete request frames.
+
+    Reads headers only (no decoding, no allocation): meant for an I/O thread that splits the
+    stream into batches for workers calling ``parse_requests``. Raises a fatal
+    ``ProtocolError`` for a bad magic, an unknown version or an over-limit frame length as
+    soon as the offending header bytes are present; its ``offset`` is the length of the
+    complete frames before the bad one (which may still be answered before closing).
+    """
+    if end is None:
+        end = len(buf)
+    max_body = max_key_bytes + max_value_bytes
+    pos = start
+    while end - pos >= REQUEST_HEADER_SIZE:
+        mv, _, klen, vlen = _unpack_req(buf, pos)
+        if mv != _REQ_MV or klen + vlen > max_body:
+            break
+        nxt = pos + REQUEST_HEADER_SIZE + klen + vlen
+        if nxt > end:
+            return pos - start
+        pos = nxt
+    err = _fatal_request_header(buf, pos, end, max_body, [], pos - start)
+    if err is not None:
+        raise err
+    return pos - start
+
+
+def _bad_request(buf, pos: int, of: int, klen: int, vlen: int, max_key: int, max_value: int) -> ProtocolError:
+    """The recoverable error for a well-framed request that is not valid. Off the hot path."""
+    op, flags = of >> 8, of & 0xFF
+    if op not in Op._value2member_map_:
+        return ProtocolError(f"unknown operation 0x{op:02x}")
+    name = Op(op).name
+    if flags:
+        return ProtocolError(f"reserved flags byte must be 0, got 0x{flags:02x}")
+    if op == _PING and (klen or vlen):
+        return ProtocolError("PING takes no key and no value")
+    if op != _SET and vlen:
+        return ProtocolError(f"{name} takes no value")
+    if klen > max_key:
+        return ProtocolError(f"key is {klen} bytes, over the limit of {max_key} bytes")
+    if vlen > max_value:
+        return ProtocolError(f"value is {vlen} bytes, over the limit of {max_value} bytes")
+    kstart = pos + REQUEST_HEADER_SIZE
+    try:
+        str(buf[kstart : kstart + klen], "utf-8")
+    except UnicodeDecodeError:
+        return ProtocolError("key is not valid UTF-8")
+    return ProtocolError("value is not valid UTF-8")
+
+
+def parse_requests(
+    buf: bytes | bytearray | memoryview,
+    start: int = 0,
+    end: int | None = None,
+    *,
+    max_key_bytes: int = DEFAULT_MAX_KEY_BYTES,
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+) -> tuple[list[Request | ProtocolError], int]:
+    """Decode every complete request frame in ``buf[start:end]``, in one pass.
+
+    Returns ``(items, pos)``: the requests in wire order, a ``ProtocolError`` (non-fatal) in
+    place of each malformed but well-framed one, and the offset just past the last complete
+    frame (``pos == end`` when nothing is left over). Raises a fatal ``ProtocolError``
+    (with ``preceding`` = the items decoded before it) as ``complete_frames_length`` does.
+    """
+    if end is None:
+        end = len(buf)
+    max_body = max_key_bytes + max_value_bytes
+    items: list = []
+    append = items.append
+    pos = start
+    while end - pos >= 12:
+        mv, of, klen, vlen = _unpack_req(buf, pos)
+        if mv != _REQ_MV or klen + vlen > max_body:
+            break
+        kstart = pos + 12
+        vstart = kstart + klen
+        nxt = vstart + vlen
+        if nxt > end:
+            return items, pos
+        try:
+            if of == _GET_OF and not vlen and klen <= max_key_bytes:
+                append(_new(Request, (_GET, str(buf[kstart:nxt], "utf-8"), None)))
+            elif of == _SET_OF and klen <= max_key_bytes and vlen <= max_value_bytes:
+                append(_new(Request, (_SET, str(buf[kstart:vstart], "utf-8"), str(buf[vstart:nxt], "utf-8"))))
+            elif of == _REMOVE_OF and not vlen and klen <= max_key_bytes:
+                append(_new(Request, (_REMOVE, str(buf[kstart:nxt], "utf-8"), None)))
+            elif of == _PING_OF and not klen and not vlen:
+                append(_new(Request, (_PING, None, None)))
+            else:
+                append(_bad_request(buf, pos, of, klen, vlen, max_key_bytes, max_value_bytes))
+        except UnicodeDecodeError:
+            append(_bad_request(buf, pos, of, klen, vlen, max_key_bytes, max_value_bytes))
+        pos = nxt
+    err = _fatal_request_header(buf, pos, end, max_body, items, pos - start)
+    if err is not None:
+        raise err
+    return items, pos
+
+
+class _Decoder:
+    """Shared buffering of the two incremental decoders. Not thread-safe: one per connection."""
+
+    __slots__ = ("_buf", "_error")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._error: ProtocolError | None = None
+
+    def _parse(self, buf, start: int, end: int) -> tuple[list, int]:
+        raise NotImplementedError
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list:
+        """Append ``data`` to the stream; return every item completed by it, in order.
+
+        Holds back an incomplete trailing frame (``pending_bytes``). Raises a fatal
+        ``ProtocolError`` (with ``preceding``) when the stream cannot be framed; after that
+        every call raises the same error.
+        """
+        if self._error is not None:
+            raise ProtocolError(str(self._error), fatal=True)
+        buf = self._buf
+        if buf:
+            buf += data
+            src = buf
+        else:
+            src = data
+        end = len(src)
+        try:
+            items, pos = self._parse(src, 0, end)
+        except ProtocolError as exc:
+            self._error = exc
+            self._buf = bytearray()
+            raise
+        if src is buf:
+            if pos == end:
+                buf.clear()
+            elif pos:
+                del buf[:pos]
+        elif pos < end:
+            buf += memoryview(data)[pos:]
+        return items
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of an incomplete frame held back, waiting for the rest of it."""
+        return len(self._buf)
+
+    @property
+    def in_frame(self) -> bool:
+        """True while part of a frame has arrived but not all of it (for half-sent-frame
+        timeouts: a peer idle with ``in_frame`` true has stalled mid-frame)."""
+        return bool(self._buf)
+
+    @property
+    def failed(self) -> ProtocolError | None:
+        """The fatal error that ended the stream, or None."""
+        return self._error
+
+
+class RequestDecoder(_Decoder):
+    """Incremental request decoder for one connection (server side), in the style of h11.
+
+    ``feed`` returns ``Request``s, with a non-fatal ``ProtocolError`` in place of each
+    malformed frame, in wire order; fatal problems raise. Frames over
+    ``max_request_frame_bytes(max_key_bytes, max_value_bytes)`` are fatal; a key or value
+    over its own limit inside a frame within that size is recoverable.
+    """
+
+    __slots__ = ("max_key_bytes", "max_value_bytes")
+
+    def __init__(self, *, max_key_bytes: int = DEFAULT_MAX_KEY_BYTES, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> None:
+        super().__init__()
+        self.max_key_bytes = max_key_bytes
+        self.max_value_bytes = max_value_bytes
+
+    def _parse(self, buf, start: int, end: int) -> tuple[list, int]:
+        return parse_requests(buf, start, end, max_key_bytes=self.max_key_bytes, max_value_bytes=self.max_value_bytes)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Request | ProtocolError]:  # noqa: D102 (inherited)
+        return _Decoder.feed(self, data)
+
+    feed.__doc__ = _Decoder.feed.__doc__
+
+
+# --------------------------------------------------------------------------------------------
+# Requests: encoding
+
+
+def _utf8(text: object, what: str, limit: int) -> bytes:
+    if type(text) is not str:
+        if not isinstance(text, str):
+            raise TypeError(f"{what} must be str, not {type(text).__name__}")
+    try:
+        data = text.encode()
+    except UnicodeEncodeError as exc:
+        raise KvsError(f"{what} is not valid Unicode text (cannot be encoded as UTF-8: {exc.reason})") from None
+    if len(data) > limit:
+        raise KvsError(f"{what} is {len(data)} bytes, over the limit of {limit} bytes")
+    return data
+
+
+_PING_FRAME = _pack_req(_REQ_MV, _PING_OF, 0, 0)
+
+
+def encode_ping() -> bytes:
+    """A PING request frame (a constant)."""
+    return _PING_FRAME
+
+
+def encode_get(key: str, *, max_key_bytes: int = DEFAULT_MAX_KEY_BYTES) -> bytes:
+    """A GET request frame. ``TypeError`` for a non-str key; ``KvsError`` for one that is not
+    encodable as UTF-8 or over ``max_key_bytes``."""
+    k = _utf8(key, "key", max_key_bytes)
+    return _pack_req(_REQ_MV, _GET_OF, len(k), 0) + k
+
+
+def encode_remove(key: str, *, max_key_bytes: int = DEFAULT_MAX_KEY_BYTES) -> bytes:
+    """A REMOVE request frame; same checks as ``encode_get``."""
+    k = _utf8(key, "key", max_key_bytes)
+    return _pack_req(_REQ_MV, _REMOVE_OF, len(k), 0) + k
+
+
+def encode_set(
+    key: str, value: str, *, max_key_bytes: int = DEFAULT_MAX_KEY_BYTES, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+) -> bytes:
+    """A SET request frame; key and value checked as in ``encode_get``."""
+    k = _utf8(key, "key", max_key_bytes)
+    v = _utf8(value, "value", max_value_bytes)
+    return b"".join((_pack_req(_REQ_MV, _SET_OF, len(k), len(v)), k, v))
+
+
+def encode_request(
+    op: Op | int,
+    key: str | None = None,
+    value: str | None = None,
+    *,
+    max_key_bytes: int = DEFAULT_MAX_KEY_BYTES,
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+) -> bytes:
+    """The request frame for ``op``: PING takes neither key nor value, GET and REMOVE a key,
+    SET a key and a value. ``ValueError`` for an unknown op or a wrong set of arguments."""
+    if op == _GET or op == _REMOVE:
+        if key is None or value is not None:
+            raise ValueError(f"{Op(op).name} takes a key and no value")
+        return (encode_get if op == _GET else encode_remove)(key, max_key_bytes=max_key_bytes)
+    if op == _SET:
+        if key is None or value is None:
+            raise ValueError("SET takes a key and a value")
+        return encode_set(key, value, max_key_bytes=max_key_bytes, max_value_bytes=max_value_bytes)
+    if op == _PING:
+        if key is not None or value is not None:
+            raise ValueError("PING takes no key and no value")
+        return _PING_FRAME
+    raise ValueError(f"unknown operation {op!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Responses: encoding
+
+OK_RESPONSE = _pack_resp(_RESP_MV, Status.OK << 8, 0)
+NOT_FOUND_RESPONSE = _pack_resp(_RESP_MV, Status.NOT_FOUND << 8, 0)
+PONG_RESPONSE = _pack_resp(_RESP_MV, Status.PONG << 8, 0)
+_S_VALUE, _S_ERROR, _S_FATAL = Status.VALUE, Status.ERROR, Status.FATAL
+_VALUE_SF = Status.VALUE << 8
+_ERROR_SF = Status.ERROR << 8
+_FATAL_SF = Status.FATAL << 8
+
+
+def encode_ok() -> bytes:
+    """The OK response (a constant)."""
+    return OK_RESPONSE
+
+
+def encode_not_found() -> bytes:
+    """The NOT_FOUND response (a constant)."""
+    return NOT_FOUND_RESPONSE
+
+
+def encode_pong() -> bytes:
+    """The PONG response (a constant)."""
+    return PONG_RESPONSE
+
+
+def encode_value(value: str) -> bytes:
+    """The VALUE response carrying ``value`` (a GET hit). The value must be encodable as
+    UTF-8 (values read from a kvs engine always are)."""
+    v = value.encode()
+    return _pack_resp(_RESP_MV, _VALUE_SF, len(v)) + v
+
+
+def _message_bytes(message: object) -> bytes:
+    """``message`` as UTF-8, unencodable characters replaced, cut to MAX_MESSAGE_BYTES at a
+    character boundary."""
+    m = str(message).encode("utf-8", "replace")
+    if len(m) > MAX_MESSAGE_BYTES:
+        m = m[:MAX_MESSAGE_BYTES].decode("utf-8", "ignore").encode()
+    return m
+
+
+def encode_error(message: object) -> bytes:
+    """The ERROR response (request failed, connection continues) with ``str(message)``."""
+    m = _message_bytes(message)
+    return _pack_resp(_RESP_MV, _ERROR_SF, len(m)) + m
+
+
+def encode_fatal(message: object) -> bytes:
+    """The FATAL response: sent last, just before the server closes the connection."""
+    m = _message_bytes(message)
+    return _pack_resp(_RESP_MV, _FATAL_SF, len(m)) + m
+
+
+def encode_response(status: Status | int, value: str | None = None) -> bytes:
+    """Generic response encoder (the ``encode_*`` helpers are faster): ``value`` is the
+    value for VALUE, the message for ERROR/FATAL, and must be None otherwise."""
+    if status == Status.VALUE:
+        if value is None:
+            raise ValueError("VALUE takes a value")
+        return encode_value(value)
+    if status == Status.ERROR or status == Status.FATAL:
+        if value is None:
+            raise ValueError(f"{Status(status).name} takes a message")
+        return encode_error(value) if status == Status.ERROR else encode_fatal(value)
+    if status in _NO_PAYLOAD:
+        if value is not None:
+            raise ValueError(f"{Status(status).name} takes no payload")
+        return _pack_resp(_RESP_MV, status << 8, 0)
+    raise ValueError(f"unknown status {status!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Responses: decoding
+
+
+def _fatal_response_header(buf, pos: int, end: int, max_payload: int, preceding: list, offset: int) -> ProtocolError | None:
+    avail = end - pos
+    if avail <= 0:
+        return None
+    b0 = buf[pos]
+    if b0 != RESPONSE_MAGIC:
+        return ProtocolError(
+            f"bad magic byte 0x{b0:02x} at the start of a response (expected 0x{RESPONSE_MAGIC:02x}): "
+            "not a kvs protocol server",
+            fatal=True, preceding=preceding, offset=offset,
+        )
+    if avail < 2:
+        return None
+    b1 = buf[pos + 1]
+    if b1 != PROTOCOL_VERSION:
+        return ProtocolError(
+            f"unsupported protocol version {b1} (this side speaks version {PROTOCOL_VERSION})",
+            fatal=True, preceding=preceding, offset=offset,
+        )
+    if avail < RESPONSE_HEADER_SIZE:
+        return None
+    _, _, plen = _unpack_resp(buf, pos)
+    if plen > max_payload:
+        return ProtocolError(
+            f"response announces a {plen}-byte payload, over the maximum of {max_payload} bytes",
+            fatal=True, preceding=preceding, offset=offset,
+        )
+    return None
+
+
+def _bad_response(sf: int, plen: int, max_value: int) -> ProtocolError:
+    status, flags = sf >> 8, sf & 0xFF
+    if status not in Status._value2member_map_:
+        return ProtocolError(f"unknown status 0x{status:02x}")
+    if flags:
+        return ProtocolError(f"reserved flags byte must be 0, got 0x{flags:02x}")
+    st = Status(status)
+    if st in _NO_PAYLOAD:
+        return ProtocolError(f"{st.name} response carries a {plen}-byte payload")
+    if st == Status.VALUE and plen > max_value:
+        return ProtocolError(f"value is {plen} bytes, over the limit of {max_value} bytes")
+    return ProtocolError(f"{st.name} payload is not valid UTF-8")
+
+
+_R_OK = _new(Response, (Status.OK, None))
+_R_NOT_FOUND = _new(Response, (Status.NOT_FOUND, None))
+_R_PONG = _new(Response, (Status.PONG, None))
+_NO_PAYLOAD_RESPONSES = {Status.OK << 8: _R_OK, Status.NOT_FOUND << 8: _R_NOT_FOUND, Status.PONG << 8: _R_PONG}
+
+
+def parse_responses(
+    buf: bytes | bytearray | memoryview,
+    start: int = 0,
+    end: int | None = None,
+    *,
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+) -> tuple[list[Response | ProtocolError], int]:
+    """Decode every complete response frame in ``buf[start:end]`` (client side).
+
+    Same contract as ``parse_requests``. The largest acceptable payload is
+    ``max(max_value_bytes, MAX_MESSAGE_BYTES)``; a header announcing more is fatal. Unknown
+    statuses, non-zero flags, payloads on payload-less statuses, over-limit values and
+    invalid UTF-8 are recoverable.
+    """
+    if end is None:
+        end = len(buf)
+    max_payload = max(max_value_bytes, MAX_MESSAGE_BYTES)
+    items: list = []
+    append = items.append
+    pos = start
+    no_payload = _NO_PAYLOAD_RESPONSES
+    while end - pos >= 8:
+        mv, sf, plen = _unpack_resp(buf, pos)
+        if mv != _RESP_MV or plen > max_payload:
+            break
+        pstart = pos + 8
+        nxt = pstart + plen
+        if nxt > end:
+            return items, pos
+        try:
+            if sf == _VALUE_SF and plen <= max_value_bytes:
+                append(_new(Response, (_S_VALUE, str(buf[pstart:nxt], "utf-8"))))
+            elif not plen and sf in no_payload:
+                append(no_payload[sf])
+            elif sf == _ERROR_SF:
+                append(_new(Response, (_S_ERROR, str(buf[pstart:nxt], "utf-8"))))
+            elif sf == _FATAL_SF:
+                append(_new(Response, (_S_FATAL, str(buf[pstart:nxt], "utf-8"))))
+            else:
+                append(_bad_response(sf, plen, max_value_bytes))
+        except UnicodeDecodeError:
+            append(_bad_response(sf, plen, max_value_bytes))
+        pos = nxt
+    err = _fatal_response_header(buf, pos, end, max_payload, items, pos - start)
+    if err is not None:
+        raise err
+    return items, pos
+
+
+class ResponseDecoder(_Decoder):
+    """Incremental response decoder for one connection (client side); same rules as
+    ``RequestDecoder``: recoverable problems appear as ``ProtocolError`` items in order,
+    fatal ones raise."""
+
+    __slots__ = ("max_value_bytes",)
+
+    def __init__(self, *, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> None:
+        super().__init__()
+        self.max_value_bytes = max_value_bytes
+
+    def _parse(self, buf, start: int, end: int) -> tuple[list, int]:
+        return parse_responses(buf, start, end, max_value_bytes=self.max_value_bytes)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Response | ProtocolError]:  # noqa: D102
+        return _Decoder.feed(self, data)
+
+    feed.__doc__ = _Decoder.feed.__doc__
