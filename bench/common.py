@@ -112,3 +112,41 @@ def run_threads_timed(workers: Sequence[Callable[[], None]]) -> float:
     if errors:
         raise errors[0]
     return max(done) - start
+
+
+def metadata(**extra: Any) -> dict[str, Any]:
+    """The metadata record of a run: interpreter and build, CPUs, git revision, date, load and
+    the busiest other processes (what else was running)."""
+    import datetime
+    import os
+    import platform
+    import subprocess
+    import sysconfig
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                                  cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    try:
+        ps = subprocess.run(["ps", "-eo", "pcpu,comm", "--sort=-pcpu", "--no-headers"],
+                            capture_output=True, text=True, timeout=10).stdout.splitlines()[:8]
+    except (OSError, subprocess.SubprocessError):
+        ps = []
+    return {
+        "suite": "meta",
+        "python_version": sys.version,
+        "python_implementation": platform.python_implementation(),
+        "free_threaded_build": sysconfig.get_config_var("Py_GIL_DISABLED") == 1,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "platform": platform.platform(),
+        "git_revision": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain")),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_before": os.getloadavg(),
+        "busiest_processes_before": [line.strip() for line in ps],
+        **extra,
+    }

@@ -12,7 +12,11 @@ import sysconfig
 import pytest
 
 # kvs itself, then every third-party package of the project (runtime, dev and bench).
-PROJECT_IMPORTS = ["kvs", "pytest", "pytest_timeout", "rich", "numpy", "matplotlib"]
+PROJECT_IMPORTS = [
+    "kvs", "kvs.server", "kvs.client", "kvs.cli.server", "kvs.cli.client", "kvs.engine.sqlite",
+    "pytest", "pytest_timeout", "rich", "numpy", "matplotlib", "redis", "diskcache",
+    "bench.common", "bench.plots",
+]
 
 
 @pytest.mark.parametrize("module", PROJECT_IMPORTS)

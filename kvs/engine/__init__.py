@@ -1,6 +1,27 @@
 """Storage engines: the KvsEngine interface, KvStore (ours) and SqliteKvsEngine."""
 
-from kvs.engine.base import KvsEngine
-from kvs.engine.kvstore import KvStore
+from __future__ import annotations
 
-__all__ = ["KvsEngine", "KvStore"]
+import os
+from typing import Any
+
+from kvs.engine.base import KvsEngine
+from kvs.engine.datadir import detect_engine
+from kvs.engine.kvstore import KvStore
+from kvs.engine.sqlite import SqliteKvsEngine
+from kvs.errors import KvsError
+
+ENGINES: dict[str, Any] = {"kvs": KvStore, "sqlite": SqliteKvsEngine}
+"""Engine name (as recorded in a data directory and given to ``--engine``) to class."""
+
+
+def open_engine(name: str, path: str | os.PathLike[str], **options: Any) -> KvsEngine:
+    """Open engine ``name`` on data directory ``path``; ``KvsError`` for an unknown name."""
+    try:
+        cls = ENGINES[name]
+    except KeyError:
+        raise KvsError(f"unknown engine {name!r}: choose one of {', '.join(ENGINES)}") from None
+    return cls.open(path, **options)
+
+
+__all__ = ["ENGINES", "KvStore", "KvsEngine", "SqliteKvsEngine", "detect_engine", "open_engine"]

@@ -1,0 +1,1 @@
+"""Command-line programs: ``kvs-server`` and ``kvs-client``."""

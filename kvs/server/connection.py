@@ -1,0 +1,130 @@
+"""One client connection: its socket, its protocol session and who owns it when.
+
+Ownership (the invariant everything else relies on): a connection is in exactly one state,
+changed only under ``lock``:
+
+- ``IDLE``: armed in the server's epoll set (``EPOLLONESHOT``), owned by nobody. Only the
+  I/O thread acts on it: it receives the one readiness event and makes it ``BUSY``, or it
+  closes it (half-sent frame timeout, shutdown).
+- ``BUSY``: owned by exactly one pool thread running :meth:`Connection.serve`. That thread
+  alone reads, parses, executes and writes; then it re-arms the connection (``IDLE``) or
+  closes it. ``EPOLLONESHOT`` guarantees no second event, hence no second worker, until the
+  re-arm, so requests of one connection are answered in order by one thread at a time.
+- ``CLOSED``: final.
+
+Because the session is only touched by the owning thread, and ownership passes through the
+lock (and through the pool's queue, itself a happens-before edge from spawn to run), the
+session needs no synchronization of its own.
+
+Reads are non-blocking (``MSG_DONTWAIT``): a worker never waits for a client to send.
+Writes wait for socket space up to ``send_timeout`` (a client that does not read its
+responses loses its connection, it does not keep a worker forever).
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from kvs.server.sessions import Session
+
+if TYPE_CHECKING:
+    from kvs.server.server import KvsServer
+
+log = logging.getLogger("kvs.server")
+
+IDLE, BUSY, CLOSED = 0, 1, 2
+RECV_SIZE = 256 * 1024
+MAX_BATCHES_PER_TURN = 16  # then re-arm, so one busy pipeline cannot starve the others
+_MSG_DONTWAIT = socket.MSG_DONTWAIT
+
+
+class Connection:
+    """A client connection of a :class:`~kvs.server.server.KvsServer`."""
+
+    __slots__ = ("server", "sock", "fd", "peer", "session", "lock", "state", "partial_since")
+
+    def __init__(self, server: KvsServer, sock: socket.socket, peer: str) -> None:
+        self.server = server
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.session: Session | None = None  # chosen from the first byte received
+        self.lock = threading.Lock()
+        self.state = IDLE
+        self.partial_since = 0.0  # monotonic time a half-received frame started waiting
+
+    def serve(self) -> None:
+        """Pool job: answer every complete request available now, then re-arm or close."""
+        sock = self.sock
+        try:
+            for _ in range(MAX_BATCHES_PER_TURN):
+                try:
+                    data = sock.recv(RECV_SIZE, _MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    break
+                if not data:  # the peer closed its side
+                    self.close()
+                    return
+                session = self.session
+                if session is None:
+                    session = self.session = self.server._make_session(data[0], self.peer)
+                    if session is None:
+                        self.close()
+                        return
+                out = session.handle(data)
+                if out:
+                    self._send_all(out)
+                if session.closing:
+                    self.close()
+                    return
+                if len(data) < RECV_SIZE:
+                    break
+        except OSError as exc:  # reset by peer, send timeout, ...
+            log.debug("connection from %s ended: %s", self.peer, exc)
+            self.close()
+            return
+        except Exception:
+            log.exception("internal error on the connection from %s", self.peer)
+            self.close()
+            return
+        session = self.session
+        if session is not None and session.in_frame:
+            if not self.partial_since:
+                self.partial_since = time.monotonic()
+        else:
+            self.partial_since = 0.0
+        self.server._rearm(self)
+
+    def _send_all(self, data: bytes) -> None:
+        """Send everything, waiting for socket space at most ``send_timeout`` at a time."""
+        sock = self.sock
+        view = memoryview(data)
+        while view:
+            try:
+                sent = sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                # poll(), not select(): select() fails for descriptors >= FD_SETSIZE (1024)
+                poller = select.poll()
+                poller.register(sock, select.POLLOUT)
+                if not poller.poll(self.server.send_timeout * 1000):
+                    raise TimeoutError(f"client did not read its responses for {self.server.send_timeout} s")
+                continue
+            view = view[sent:]
+
+    def close(self) -> None:
+        """Unregister and close the socket (from its owner, or from the I/O thread when
+        the connection is IDLE). Idempotent."""
+        with self.lock:
+            if self.state == CLOSED:
+                return
+            self.state = CLOSED
+        self.server._forget(self)
+        try:
+            self.sock.close()
+        except OSError:
+            pass

@@ -1,0 +1,243 @@
+"""RESP2 (the Redis protocol) on a kvs connection, so redis-cli, redis-py and
+redis-benchmark work against kvs-server unchanged.
+
+Commands follow Redis's documented semantics for what is supported:
+
+- ``GET key`` (bulk, or null), ``SET key value`` (``+OK``; options such as ``EX``/``NX`` get
+  ``-ERR unsupported option`` rather than being ignored), ``DEL key [key ...]`` and
+  ``EXISTS key [key ...]`` (integer counts; EXISTS counts a repeated key each time),
+  ``PING [message]``, ``ECHO message``, ``QUIT``;
+- for clients' and tools' start-up: ``HELLO [2|3]`` (redis-py 5+ opens with ``HELLO 3``: a
+  connection that asks for RESP3 gets RESP3's null and map replies, the only RESP3 types
+  these commands produce), ``COMMAND`` / ``COMMAND COUNT`` / ``COMMAND DOCS``, ``CONFIG GET``,
+  ``CLIENT SETNAME|SETINFO``, ``SELECT 0``, and ``INFO`` (a ``server`` section with kvs's
+  version, engine, pool, threads, uptime, connected clients, total commands and keys);
+- anything else: ``-ERR unknown command``.
+
+Keys and values are UTF-8 text in kvs while Redis bulk strings are binary: a key or value
+that is not valid UTF-8 gets ``-ERR`` and nothing is stored. Protocol errors are fatal as in
+Redis: ``-ERR Protocol error: ...`` then the connection is closed. Like ``KvsSession``, a
+session is used by one thread at a time and never raises for what a client sends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from kvs import __version__
+from kvs.errors import KeyNotFoundError, KvsError
+from kvs.resp import (
+    EMPTY_ARRAY,
+    NULL_BULK,
+    OK,
+    PONG,
+    RespDecoder,
+    RespProtocolError,
+    array,
+    bulk,
+    error,
+    integer,
+)
+
+if TYPE_CHECKING:
+    from kvs.server.server import KvsServer
+
+log = logging.getLogger("kvs.server")
+
+REDIS_COMPAT_VERSION = "7.0.0"
+"""Reported as ``redis_version`` in INFO: the Redis command level these commands follow."""
+
+_COMMANDS = {  # name: arity as COMMAND reports it (negative: at least that many)
+    b"get": 2, b"set": -3, b"del": -2, b"exists": -2, b"ping": -1, b"echo": 2, b"quit": 1,
+    b"command": -1, b"config": -2, b"info": -1, b"client": -2, b"select": 2, b"hello": -1,
+}
+_RESP3_NULL = b"_\r\n"
+
+
+class RespSession:
+    """One RESP2 connection: bytes in, reply bytes out."""
+
+    __slots__ = ("server", "engine", "peer", "decoder", "closing", "commands", "null")
+
+    def __init__(self, server: KvsServer, peer: str) -> None:
+        self.server = server
+        self.engine = server.engine
+        self.peer = peer
+        self.decoder = RespDecoder(max_bulk_bytes=max(server.max_key_bytes, server.max_value_bytes) + 1024)
+        self.closing = False
+        self.commands = 0
+        self.null = NULL_BULK  # RESP3's "_" after HELLO 3
+
+    @property
+    def in_frame(self) -> bool:
+        return self.decoder.in_frame
+
+    def handle(self, data: bytes) -> bytes:
+        try:
+            commands = self.decoder.feed(data)
+        except RespProtocolError as exc:
+            log.warning("closing RESP connection from %s: %s", self.peer, exc)
+            out = self.execute(exc.preceding)
+            self.closing = True
+            return out + error(f"Protocol error: {exc}")
+        return self.execute(commands)
+
+    def execute(self, commands: list) -> bytes:
+        out = []
+        append = out.append
+        engine = self.engine
+        for args in commands:
+            if self.closing:  # after QUIT nothing more is executed
+                break
+            self.commands += 1
+            try:
+                name = args[0].lower()
+                argc = len(args)
+                if name == b"get" and argc == 2:
+                    value = engine.get(_text(args[1], "key"))
+                    append(self.null if value is None else bulk(value.encode()))
+                elif name == b"set" and argc == 3:
+                    engine.set(_text(args[1], "key"), _text(args[2], "value"))
+                    append(OK)
+                else:
+                    append(self._other(name, args))
+            except KvsError as exc:
+                append(error(str(exc)))
+            except Exception:  # a bug costs one command, never the connection or server
+                log.exception("internal error serving RESP client %s", self.peer)
+                append(error("internal server error"))
+        return b"".join(out)
+
+    def _other(self, name: bytes, args: list[bytes]) -> bytes:
+        argc = len(args)
+        arity = _COMMANDS.get(name)
+        if arity is None:
+            shown = " ".join(f"'{a.decode(errors='replace')}'" for a in args[1:4])
+            return error(f"unknown command '{args[0].decode(errors='replace')}', with args beginning with: {shown}")
+        if (arity > 0 and argc != arity) or (arity < 0 and argc < -arity):
+            return error(f"wrong number of arguments for '{name.decode()}' command")
+        engine = self.engine
+        if name == b"set":  # argc > 3: SET with options
+            return error(f"unsupported option '{args[3].decode(errors='replace')}' (kvs supports plain SET key value)")
+        if name == b"del":
+            removed = 0
+            for key in args[1:]:
+                try:
+                    engine.remove(_text(key, "key"))
+                    removed += 1
+                except KeyNotFoundError:
+                    pass
+            return integer(removed)
+        if name == b"exists":
+            return integer(sum(engine.get(_text(k, "key")) is not None for k in args[1:]))
+        if name == b"ping":
+            return PONG if argc == 1 else (bulk(args[1]) if argc == 2 else error("wrong number of arguments for 'ping' command"))
+        if name == b"echo":
+            return bulk(args[1])
+        if name == b"quit":
+            self.closing = True
+            return OK
+        if name == b"select":
+            return OK if args[1] == b"0" else error("DB index is out of range")
+        if name == b"info":
+            return bulk(self._info(args[1:]))
+        if name == b"config":
+            return self._config(args)
+        if name == b"hello":
+            return self._hello(args)
+        if name == b"client":
+            sub = args[1].lower()
+            if sub in (b"setname", b"setinfo"):
+                return OK
+            return error(f"unsupported CLIENT subcommand '{args[1].decode(errors='replace')}'")
+        return self._command(args)
+
+    def _hello(self, args: list[bytes]) -> bytes:
+        version = args[1] if len(args) > 1 else b"2"
+        if version not in (b"2", b"3"):
+            return error("-NOPROTO unsupported protocol version")
+        for option in args[2:]:
+            if option.lower() == b"auth":
+                return error("AUTH is not supported: kvs has no users")
+        resp3 = version == b"3"
+        self.null = _RESP3_NULL if resp3 else NULL_BULK
+        fields = [bulk("server"), bulk("redis"), bulk("version"), bulk(REDIS_COMPAT_VERSION),
+                  bulk("proto"), integer(3 if resp3 else 2), bulk("id"), integer(id(self) & 0xFFFFFFF),
+                  bulk("mode"), bulk("standalone"), bulk("role"), bulk("master"), bulk("modules"), EMPTY_ARRAY]
+        return self._map(fields)
+
+    def _map(self, flat: list[bytes]) -> bytes:
+        """A map reply from alternating key and value replies: RESP3 ``%``, RESP2 array."""
+        if self.null == _RESP3_NULL:
+            return b"%%%d\r\n" % (len(flat) // 2) + b"".join(flat)
+        return array(flat)
+
+    def _command(self, args: list[bytes]) -> bytes:
+        sub = args[1].lower() if len(args) > 1 else None
+        if sub is None:
+            return array([array([bulk(n), integer(a), EMPTY_ARRAY, integer(1 if a not in (1, -1) else 0),
+                                 integer(1 if a not in (1, -1) else 0), integer(1)]) for n, a in _COMMANDS.items()])
+        if sub == b"count":
+            return integer(len(_COMMANDS))
+        if sub == b"docs":
+            return EMPTY_ARRAY  # no docs: redis-cli then simply shows no hints
+        return error(f"unsupported COMMAND subcommand '{args[1].decode(errors='replace')}'")
+
+    def _config(self, args: list[bytes]) -> bytes:
+        if args[1].lower() != b"get" or len(args) < 3:
+            return error("kvs supports only CONFIG GET parameter [parameter ...]")
+        server = self.server
+        known = {
+            b"save": b"",
+            b"appendonly": b"no" if _fsync_policy(server) == "never" else b"yes",
+            b"appendfsync": {"never": b"no", "always": b"always", "interval": b"everysec"}.get(_fsync_policy(server), b"no"),
+            b"databases": b"1",
+            b"maxclients": str(server.max_connections).encode(),
+            b"proto-max-bulk-len": str(server.max_value_bytes).encode(),
+        }
+        out = []
+        for pattern in args[2:]:
+            for key, value in known.items():
+                if pattern.lower() == key or pattern == b"*":
+                    out += [bulk(key), bulk(value)]
+        return self._map(out)
+
+    def _info(self, sections: list[bytes]) -> bytes:
+        server = self.server
+        engine = server.engine
+        try:
+            keys = len(engine)  # type: ignore[arg-type]
+        except (TypeError, KvsError):
+            keys = None
+        lines = [
+            "# Server",
+            f"redis_version:{REDIS_COMPAT_VERSION}",
+            f"kvs_version:{__version__}",
+            f"engine:{getattr(engine, 'name', type(engine).__name__)}",
+            f"pool:{getattr(server.pool, 'name', type(server.pool).__name__)}",
+            f"threads:{getattr(server.pool, 'threads', '')}",
+            f"tcp_port:{server.address[1]}",
+            f"uptime_in_seconds:{int(time.time() - server.started_at)}",
+            f"connected_clients:{server.connection_count()}",
+            f"total_commands_processed:{server.total_commands()}",
+        ]
+        if keys is not None:
+            lines.append(f"keys:{keys}")
+            lines += ["", "# Keyspace", f"db0:keys={keys},expires=0,avg_ttl=0"]
+        wanted = {s.lower() for s in sections}
+        if wanted and not wanted & {b"server", b"all", b"default", b"everything", b"keyspace"}:
+            return b""
+        return ("\r\n".join(lines) + "\r\n").encode()
+
+
+def _text(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise KvsError(f"{what} is not valid UTF-8 (kvs stores UTF-8 text)") from None
+
+
+def _fsync_policy(server: KvsServer) -> str:
+    return getattr(server.engine, "_fsync", "never")

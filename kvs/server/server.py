@@ -1,0 +1,303 @@
+"""KvsServer: one I/O thread for readiness, a thread pool for the work.
+
+Design (readiness dispatch with one-shot epoll):
+
+- The thread running :meth:`KvsServer.serve_forever` is the I/O thread. It owns an epoll
+  set holding the listening socket, a wake-up eventfd, and every *idle* connection, each
+  registered with ``EPOLLIN | EPOLLONESHOT``. It accepts new connections, and when a
+  connection becomes readable it marks it ``BUSY`` and hands ``connection.serve`` to the
+  pool. It never reads a request itself and never waits for a client.
+- A pool thread running ``serve`` reads what is there without blocking, executes the complete
+  requests in order, writes the responses (one ``send`` per batch), and re-arms the connection
+  in the epoll set (``epoll_ctl`` is safe from any thread). So an idle connection costs no
+  thread at all: with N pool threads, thousands of idle clients wait in the kernel while the
+  next active one is served at once. A pipelining client gets up to 16 batches per turn.
+- Limits: ``max_connections`` (further connections are accepted and closed at once with a
+  warning), frame and key/value sizes (enforced by the protocol decoders before allocating),
+  ``frame_timeout`` for a half-sent request (checked by the I/O thread on idle connections),
+  ``send_timeout`` for a client that stops reading.
+- ``shutdown()`` (from any thread): the I/O thread stops accepting, closes idle connections,
+  lets busy ones finish the requests they have read (the workers close them instead of
+  re-arming), waits for them, and ``serve_forever`` returns. The pool and the engine belong
+  to the caller and stay open.
+
+The protocol of a connection is chosen from its first byte (``_make_session``): our frames
+start with ``kvs.protocol.REQUEST_MAGIC`` (0xCB), RESP2 with ``*`` or an inline command's
+letter; ``protocols`` turns either off.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from types import TracebackType
+
+from kvs.address import parse_address
+from kvs.engine.base import KvsEngine
+from kvs.errors import KvsError
+from kvs.limits import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES
+from kvs.protocol import REQUEST_MAGIC
+from kvs.server.connection import BUSY, IDLE, Connection
+from kvs.server.resp_session import RespSession
+from kvs.server.sessions import KvsSession, Session
+from kvs.thread_pool.base import ThreadPool
+
+log = logging.getLogger("kvs.server")
+
+PROTOCOLS = ("kvs", "resp")
+"""Protocols a server can speak on its one port: our binary frames and RESP2 (Redis)."""
+_ARM = select.EPOLLIN | select.EPOLLONESHOT | select.EPOLLRDHUP
+
+
+class KvsServer:
+    """A multithreaded kvs server over one engine and one thread pool.
+
+    The socket is bound in the constructor (``KvsError`` when the address is in use or
+    invalid), so ``address`` is known before ``serve_forever`` runs."""
+
+    def __init__(
+        self,
+        engine: KvsEngine,
+        pool: ThreadPool,
+        addr: tuple[str, int] | str = ("127.0.0.1", 4000),
+        *,
+        max_connections: int = 10000,
+        max_key_bytes: int = DEFAULT_MAX_KEY_BYTES,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        frame_timeout: float = 30.0,
+        send_timeout: float = 30.0,
+        protocols: Iterable[str] = PROTOCOLS,
+    ) -> None:
+        if isinstance(addr, str):
+            addr = parse_address(addr)
+        self.protocols = tuple(protocols)
+        unknown = set(self.protocols) - set(PROTOCOLS)
+        if unknown or not self.protocols:
+            raise KvsError(f"unknown protocol(s) {', '.join(sorted(unknown)) or '(none given)'}")
+        if max_connections < 1 or frame_timeout <= 0 or send_timeout <= 0:
+            raise KvsError("max_connections, frame_timeout and send_timeout must be positive")
+        self.engine = engine
+        self.pool = pool
+        self.max_connections = max_connections
+        self.max_key_bytes = max_key_bytes
+        self.max_value_bytes = max_value_bytes
+        self.frame_timeout = frame_timeout
+        self.send_timeout = send_timeout
+        self.started_at = time.time()
+        family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._listener.bind(addr)
+            self._listener.listen(1024)
+        except OSError as exc:
+            self._listener.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise KvsError(f"cannot listen on {addr[0]}:{addr[1]}: address already in use") from None
+            raise KvsError(f"cannot listen on {addr[0]}:{addr[1]}: {exc.strerror}") from None
+        self._listener.setblocking(False)
+        self._epoll = select.epoll()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._connections: dict[int, Connection] = {}
+        self._stopping = False
+        self._running = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
+        self._serve_lock = threading.Lock()
+        self._drained = threading.Condition()
+        self._commands_of_closed = 0
+        self._stats_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound ``(host, port)``."""
+        host, port = self._listener.getsockname()[:2]
+        return host, port
+
+    def serve_forever(self) -> None:
+        """Serve until :meth:`shutdown`; then return. Runs the I/O loop in this thread."""
+        if not self._serve_lock.acquire(blocking=False):
+            raise KvsError("serve_forever is already running")
+        try:
+            if self._stopping:
+                return
+            self._stopped.clear()
+            self._running.set()
+            self._io_loop()
+        finally:
+            self._running.clear()
+            self._stopped.set()
+            self._serve_lock.release()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop serving (from any thread): in-flight requests are answered, connections
+        closed, and ``serve_forever`` returns. Waits for that unless called from the I/O
+        thread itself (e.g. from a signal handler running there)."""
+        self._stopping = True
+        try:
+            os.eventfd_write(self._wake_fd, 1)
+        except OSError:
+            pass
+        if threading.current_thread() is not getattr(self, "_io_thread", None):
+            self._stopped.wait(timeout)
+
+    def close(self) -> None:
+        """Shut down and release the listening socket."""
+        self.shutdown()
+        self._listener.close()
+        self._epoll.close()
+        try:
+            os.close(self._wake_fd)
+        except OSError:
+            pass
+
+    def __enter__(self) -> KvsServer:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    def total_commands(self) -> int:
+        """Requests executed so far (closed connections included)."""
+        live = sum(getattr(c.session, "commands", 0) for c in list(self._connections.values()))
+        return self._commands_of_closed + live
+
+    # ------------------------------------------------------------------ the I/O thread
+    def _io_loop(self) -> None:
+        self._io_thread = threading.current_thread()
+        ep = self._epoll
+        lfd = self._listener.fileno()
+        ep.register(lfd, select.EPOLLIN)
+        ep.register(self._wake_fd, select.EPOLLIN)
+        conns = self._connections
+        spawn = self.pool.spawn
+        tick = min(1.0, self.frame_timeout / 4)
+        next_sweep = time.monotonic() + tick
+        try:
+            while not self._stopping:
+                for fd, _events in ep.poll(tick):
+                    if fd == lfd:
+                        self._accept_all()
+                    elif fd == self._wake_fd:
+                        try:
+                            os.eventfd_read(self._wake_fd)
+                        except BlockingIOError:
+                            pass
+                    else:
+                        conn = conns.get(fd)
+                        if conn is None:
+                            continue
+                        with conn.lock:
+                            if conn.state != IDLE:
+                                continue
+                            conn.state = BUSY
+                        try:
+                            spawn(conn.serve)
+                        except Exception as exc:  # the pool was shut down under us
+                            log.error("cannot dispatch a connection to the pool: %s", exc)
+                            conn.state = IDLE
+                            conn.close()
+                now = time.monotonic()
+                if now >= next_sweep:
+                    next_sweep = now + tick
+                    self._close_stalled(now)
+        finally:
+            self._drain()
+
+    def _accept_all(self) -> None:
+        while True:
+            try:
+                sock, peer_addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: log, keep serving the others
+                log.warning("accept failed: %s", exc.strerror)
+                return
+            peer = f"{peer_addr[0]}:{peer_addr[1]}"
+            if len(self._connections) >= self.max_connections:
+                log.warning("refusing connection from %s: %d connections is the limit", peer, self.max_connections)
+                sock.close()
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Connection(self, sock, peer)
+            self._connections[conn.fd] = conn
+            self._epoll.register(conn.fd, _ARM)
+
+    def _close_stalled(self, now: float) -> None:
+        """Close idle connections that sent part of a frame and then nothing for too long."""
+        limit = self.frame_timeout
+        for conn in list(self._connections.values()):
+            since = conn.partial_since
+            # IDLE connections change state only in this thread, so the check stays true.
+            if since and now - since > limit and conn.state == IDLE:
+                log.warning("closing connection from %s: half-sent request for over %.0f s", conn.peer, limit)
+                conn.close()
+
+    def _drain(self) -> None:
+        """Shutdown: stop accepting, close idle connections, wait for busy ones to finish."""
+        try:
+            self._epoll.unregister(self._listener.fileno())
+        except (OSError, ValueError):
+            pass
+        for conn in list(self._connections.values()):
+            if conn.state == IDLE:
+                conn.close()
+        with self._drained:
+            self._drained.wait_for(lambda: not self._connections)
+
+    # ------------------------------------------------------------------ called by connections
+    def _make_session(self, first_byte: int, peer: str) -> Session | None:
+        if first_byte == REQUEST_MAGIC and "kvs" in self.protocols:
+            return KvsSession(self.engine, peer, max_key_bytes=self.max_key_bytes,
+                              max_value_bytes=self.max_value_bytes)
+        if "resp" in self.protocols and (first_byte == 0x2A or 0x41 <= first_byte <= 0x7A):
+            # RESP: a "*" array, or an inline command starting with a letter
+            return RespSession(self, peer)
+        log.warning("closing connection from %s: unknown protocol (first byte 0x%02x)", peer, first_byte)
+        return None
+
+    def _rearm(self, conn: Connection) -> None:
+        """A worker is done with ``conn``: back into the epoll set, or closed on shutdown."""
+        with conn.lock:
+            if conn.state != BUSY:
+                return
+            if not self._stopping:
+                conn.state = IDLE
+                try:
+                    self._epoll.modify(conn.fd, _ARM)
+                    return
+                except (OSError, ValueError):
+                    pass
+        conn.close()
+
+    def _forget(self, conn: Connection) -> None:
+        """Called by ``Connection.close`` before the socket is closed (so the fd number
+        cannot have been reused yet)."""
+        try:
+            self._epoll.unregister(conn.fd)
+        except (OSError, ValueError):
+            pass
+        if self._connections.get(conn.fd) is conn:
+            del self._connections[conn.fd]
+        with self._stats_lock:
+            self._commands_of_closed += getattr(conn.session, "commands", 0)
+        if self._stopping:
+            with self._drained:
+                self._drained.notify_all()
+
+
+def available_protocols() -> tuple[str, ...]:
+    """Names of the protocols a server can speak."""
+    return PROTOCOLS

@@ -1,0 +1,114 @@
+"""Protocol sessions: the bytes of one connection in, the response bytes out.
+
+A session owns the incremental decoder of one connection and executes each decoded request
+on the engine, in order, returning the encoded responses of a whole batch as one ``bytes``
+(one ``sendall`` per batch: pipelined requests cost one syscall, not one each). Sessions know
+nothing of sockets; a connection is served by at most one thread at a time, so a session
+needs no lock (see ``connection.py``).
+
+``KvsSession`` speaks our binary protocol (``kvs.protocol``). ``handle`` never raises for
+anything a client sends: malformed frames become ERROR responses (stream continues) or a FATAL
+response after which ``closing`` is True and the server closes the connection. Each problem
+is logged as one warning line naming the peer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from kvs.engine.base import KvsEngine
+from kvs.errors import KeyNotFoundError, KvsError
+from kvs.protocol import (
+    NOT_FOUND_RESPONSE,
+    OK_RESPONSE,
+    PONG_RESPONSE,
+    Op,
+    ProtocolError,
+    RequestDecoder,
+    encode_error,
+    encode_fatal,
+    encode_value,
+)
+
+log = logging.getLogger("kvs.server")
+
+_GET, _SET, _REMOVE, _PING = Op.GET, Op.SET, Op.REMOVE, Op.PING
+
+
+class Session(Protocol):
+    """What a connection needs of a protocol implementation."""
+
+    closing: bool
+    """True once the connection must be closed after sending the last response."""
+
+    def handle(self, data: bytes) -> bytes:
+        """Consume received bytes; the responses to every request they completed."""
+        ...
+
+    @property
+    def in_frame(self) -> bool:
+        """True while part of a request has arrived but not all of it."""
+        ...
+
+
+class KvsSession:
+    """Our binary protocol on one connection."""
+
+    __slots__ = ("engine", "peer", "decoder", "closing", "commands")
+
+    def __init__(self, engine: KvsEngine, peer: str, *, max_key_bytes: int, max_value_bytes: int) -> None:
+        self.engine = engine
+        self.peer = peer
+        self.decoder = RequestDecoder(max_key_bytes=max_key_bytes, max_value_bytes=max_value_bytes)
+        self.closing = False
+        self.commands = 0
+
+    @property
+    def in_frame(self) -> bool:
+        return self.decoder.in_frame
+
+    def handle(self, data: bytes) -> bytes:
+        try:
+            items = self.decoder.feed(data)
+        except ProtocolError as exc:
+            log.warning("closing connection from %s: %s", self.peer, exc)
+            self.closing = True
+            return self.execute(exc.preceding) + encode_fatal(str(exc))
+        return self.execute(items)
+
+    def execute(self, items: list) -> bytes:
+        """Run decoded requests in order; their encoded responses, concatenated."""
+        engine = self.engine
+        out = []
+        append = out.append
+        self.commands += len(items)
+        for req in items:
+            if type(req) is ProtocolError:  # a malformed frame, skipped by the decoder
+                log.warning("malformed request from %s: %s", self.peer, req)
+                append(encode_error(str(req)))
+                continue
+            try:
+                op = req[0]
+                if op is _GET:
+                    value = engine.get(req[1])
+                    append(NOT_FOUND_RESPONSE if value is None else encode_value(value))
+                elif op is _SET:
+                    engine.set(req[1], req[2])
+                    append(OK_RESPONSE)
+                elif op is _REMOVE:
+                    try:
+                        engine.remove(req[1])
+                        append(OK_RESPONSE)
+                    except KeyNotFoundError:
+                        append(NOT_FOUND_RESPONSE)
+                elif op is _PING:
+                    append(PONG_RESPONSE)
+                else:
+                    append(encode_error(f"unsupported operation {op}"))
+            except KvsError as exc:
+                append(encode_error(str(exc)))
+            except Exception:  # a bug must cost one request, never the server
+                log.exception("internal error serving %s", self.peer)
+                append(encode_error("internal server error"))
+        return b"".join(out)

@@ -1,0 +1,209 @@
+"""kvs-server speaks RESP2 too: redis-py, redis-cli and redis-benchmark work against it,
+on the same port as our own protocol."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from kvs import KvsClient, KvStore, KvsError
+from kvs.resp import RespReplyDecoder, command
+from kvs.server import KvsServer
+from kvs.thread_pool import SharedQueueThreadPool
+
+BIN = Path(sys.executable).parent
+needs_redis_cli = pytest.mark.skipif(shutil.which("redis-cli") is None,
+                                     reason="redis-cli (Debian redis-tools) is not installed; scripts/test installs it as root")
+needs_redis_benchmark = pytest.mark.skipif(shutil.which("redis-benchmark") is None,
+                                           reason="redis-benchmark (Debian redis-tools) is not installed; scripts/test installs it as root")
+
+
+class RunningServer:
+    def __init__(self, tmp_path: Path, protocols: tuple[str, ...] = ("kvs", "resp")) -> None:
+        self.engine = KvStore.open(tmp_path / "data")
+        self.pool = SharedQueueThreadPool(4)
+        self.server = KvsServer(self.engine, self.pool, ("127.0.0.1", 0), protocols=protocols)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.host, self.port = self.server.address
+
+    def stop(self) -> None:
+        self.server.close()
+        self.thread.join(timeout=30)
+        self.pool.shutdown()
+        self.engine.close()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RunningServer]:
+    s = RunningServer(tmp_path)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def raw_exchange(port: int, payload: bytes, replies: int) -> list:
+    """Send raw RESP bytes, return ``replies`` decoded replies."""
+    decoder = RespReplyDecoder()
+    out: list = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(payload)
+        while len(out) < replies:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            out += decoder.feed(chunk)
+    return out
+
+
+def test_redis_py_set_get_delete_exists(server: RunningServer) -> None:
+    r = redis.Redis(host=server.host, port=server.port, socket_timeout=10)
+    try:
+        assert r.ping() is True
+        assert r.set("greeting", "héllo") is True
+        assert r.get("greeting") == "héllo".encode()
+        assert r.get("missing") is None
+        assert r.exists("greeting", "missing", "greeting") == 2
+        assert r.delete("greeting", "missing") == 1
+        assert r.get("greeting") is None
+        assert r.echo("abc") == b"abc"
+    finally:
+        r.close()
+
+
+def test_redis_py_pipeline_keeps_order(server: RunningServer) -> None:
+    r = redis.Redis(host=server.host, port=server.port, socket_timeout=10)
+    try:
+        pipe = r.pipeline(transaction=False)
+        for i in range(200):
+            pipe.set(f"k{i}", f"v{i}")
+        for i in range(200):
+            pipe.get(f"k{i}")
+        results = pipe.execute()
+        assert results[:200] == [True] * 200
+        assert results[200:] == [f"v{i}".encode() for i in range(200)]
+    finally:
+        r.close()
+
+
+def test_set_options_are_refused_not_ignored(server: RunningServer) -> None:
+    r = redis.Redis(host=server.host, port=server.port, socket_timeout=10)
+    try:
+        with pytest.raises(redis.ResponseError, match="unsupported option"):
+            r.set("k", "v", ex=10)
+        assert r.get("k") is None
+        with pytest.raises(redis.ResponseError, match="unknown command"):
+            r.execute_command("LPUSH", "list", "x")
+        with pytest.raises(redis.ResponseError, match="wrong number of arguments"):
+            r.execute_command("GET")
+    finally:
+        r.close()
+
+
+def test_non_utf8_key_or_value_is_refused_and_nothing_stored(server: RunningServer) -> None:
+    replies = raw_exchange(server.port, command("SET", b"k\xff", "v") + command("SET", "k", b"\xfe\xfe")
+                           + command("EXISTS", "k"), 3)
+    assert "UTF-8" in str(replies[0]) and "UTF-8" in str(replies[1])
+    assert replies[2] == 0
+    assert server.engine.get("k") is None
+
+
+def test_inline_commands_and_quit(server: RunningServer) -> None:
+    replies = raw_exchange(server.port, b"SET inline value\r\nGET inline\r\nPING\r\nQUIT\r\nGET inline\r\n", 4)
+    assert replies == ["OK", b"value", "PONG", "OK"]
+
+
+def test_protocol_error_closes_only_that_connection(server: RunningServer) -> None:
+    replies = raw_exchange(server.port, b"*1\r\n$99999999999\r\n", 1)
+    assert "Protocol error" in str(replies[0])
+    with KvsClient((server.host, server.port)) as c:  # our protocol on the same port still works
+        c.set("after", "ok")
+        assert c.get("after") == "ok"
+
+
+def test_info_reports_the_server_section(server: RunningServer) -> None:
+    server.engine.set("a", "1")
+    r = redis.Redis(host=server.host, port=server.port, socket_timeout=10)
+    try:
+        info = r.info("server")
+        assert info["engine"] == "kvs" and info["pool"] == "shared-queue" and info["threads"] == 4
+        for field in ("kvs_version", "uptime_in_seconds", "connected_clients", "total_commands_processed", "keys"):
+            assert field in info
+        assert info["keys"] == 1
+        assert r.config_get("appendonly") == {"appendonly": "no"}
+    finally:
+        r.close()
+
+
+@needs_redis_cli
+def test_redis_cli_round_trip(server: RunningServer) -> None:
+    def cli(*args: str) -> str:
+        out = subprocess.run(["redis-cli", "-h", server.host, "-p", str(server.port), *args],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert cli("PING") == "PONG"
+    assert cli("SET", "cli-key", "cli value") == "OK"
+    assert cli("GET", "cli-key") == "cli value"
+    assert cli("DEL", "cli-key", "nope") == "1"
+    assert cli("GET", "cli-key") == ""
+    assert "unknown command" in cli("HSET", "h", "f", "v")
+
+
+@needs_redis_benchmark
+def test_redis_benchmark_completes_without_errors(server: RunningServer) -> None:
+    out = subprocess.run(["redis-benchmark", "-h", server.host, "-p", str(server.port), "-t", "set,get",
+                          "-n", "20000", "-q", "-P", "16"], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout + out.stderr
+    assert "SET:" in text and "GET:" in text and "requests per second" in text
+    assert "error" not in text.lower()
+
+
+def test_value_written_over_resp_is_read_with_kvs_client_and_back(server: RunningServer) -> None:
+    r = redis.Redis(host=server.host, port=server.port, socket_timeout=10)
+    addr = f"{server.host}:{server.port}"
+    try:
+        r.set("mixed", "from resp")
+        out = subprocess.run([str(BIN / "kvs-client"), "get", "mixed", "--addr", addr],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and out.stdout == "from resp\n"
+        out = subprocess.run([str(BIN / "kvs-client"), "set", "mixed", "from kvs-client", "--addr", addr],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0
+        assert r.get("mixed") == b"from kvs-client"
+    finally:
+        r.close()
+
+
+def test_protocols_can_be_turned_off(tmp_path: Path) -> None:
+    only_kvs = RunningServer(tmp_path / "a", protocols=("kvs",))
+    try:
+        r = redis.Redis(host=only_kvs.host, port=only_kvs.port, socket_timeout=10)
+        with pytest.raises(redis.ConnectionError):
+            r.ping()
+        r.close()
+        with KvsClient((only_kvs.host, only_kvs.port)) as c:
+            c.ping()
+    finally:
+        only_kvs.stop()
+    only_resp = RunningServer(tmp_path / "b", protocols=("resp",))
+    try:
+        with pytest.raises(KvsError):
+            with KvsClient((only_resp.host, only_resp.port)) as c:
+                c.ping()
+        r = redis.Redis(host=only_resp.host, port=only_resp.port, socket_timeout=10)
+        assert r.ping() is True
+        r.close()
+    finally:
+        only_resp.stop()
