@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench import plots, report
     from bench.common import metadata
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)
     suites = ALL if args.suite == "all" else [args.suite]
     modes = ["off", "on"] if args.gil == "both" else [args.gil]
     records: list[dict] = []
