@@ -15,6 +15,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+SMOKE = __import__("os").environ.get("KVS_BENCH_SMOKE") == "1"
+"""Set by the test suite's smoke run (``KVS_BENCH_SMOKE=1``): every suite shrinks to the
+least work that still exercises all of its code paths and assertions."""
+
 
 class Progress(Protocol):
     """Where a suite reports progress: ``progress(done_steps, total_steps, description)``."""

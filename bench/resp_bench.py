@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Progress, no_progress, record
+from bench.common import SMOKE, Progress, no_progress, record
 
 SUITE = "resp"
 LINES = [  # (label, connections, pipeline)
@@ -136,6 +136,8 @@ def run(quick: bool, progress: Progress = no_progress, kvs_threads: int | None =
         for i, (label, clients, pipeline, test) in enumerate(steps):
             progress(i, len(steps), f"redis-benchmark -t {test} ({label})")
             requests = (5000 if clients == 1 else 20000 if pipeline == 1 else 100000) * (1 if quick else 4)
+            if SMOKE:
+                requests = 200 * pipeline
             results: dict[str, list[dict]] = {"redis": [], "kvs": []}
             for _ in range(rounds):  # alternate, so that both see the same conditions
                 results["redis"].append(redis_benchmark(servers.redis_port, test, requests, clients, pipeline))

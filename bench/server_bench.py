@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from bench.common import Progress, no_progress, record, repeat, throughput_stats
+from bench.common import SMOKE, Progress, no_progress, record, repeat, throughput_stats
 from kvs.client import KvsClient
 from kvs.engine import open_engine
 from kvs.server import KvsServer
@@ -143,7 +143,7 @@ def measure(pool_name: str, engine_name: str, threads: int, reps: int) -> list[d
             for bench, work in (("write", write_work), ("read", read_work)):
                 if bench == "read":
                     clients.run_iteration(write_work)  # preload the 1000 keys
-                seconds = repeat(lambda w=work: clients.run_iteration(w), reps, warmup=2)
+                seconds = repeat(lambda w=work: clients.run_iteration(w), reps, warmup=0 if SMOKE else 2)
                 stats = throughput_stats(KEYS, seconds)
                 name = f"{bench}_{pool_name.replace('-', '_')}_{engine_name}"
                 out.append(record(SUITE, name, engine=engine_name, pool=pool_name, threads=threads,
@@ -160,8 +160,8 @@ def measure(pool_name: str, engine_name: str, threads: int, reps: int) -> list[d
 
 
 def run(quick: bool, progress: Progress = no_progress) -> list[dict]:
-    reps = 5 if quick else 20
-    counts = [1, 2] if quick else thread_counts()
+    reps = 1 if SMOKE else 5 if quick else 20
+    counts = [1] if SMOKE else [1, 2] if quick else thread_counts()
     steps = [(p, e, t) for p, e in CONFIGURATIONS for t in counts]
     records: list[dict] = []
     for done, (pool_name, engine_name, threads) in enumerate(steps):
