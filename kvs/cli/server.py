@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = pool = server = None
     try:
+        if args.data_dir.exists() and not args.data_dir.is_dir():
+            raise KvsError(f"data directory {args.data_dir} is not a directory")
         found = detect_engine(args.data_dir) if args.data_dir.is_dir() else None
         name = args.engine or found or "kvs"
         if found is not None and found != name:

@@ -102,6 +102,7 @@ class KvsServer:
                 raise KvsError(f"cannot listen on {addr[0]}:{addr[1]}: address already in use") from None
             raise KvsError(f"cannot listen on {addr[0]}:{addr[1]}: {exc.strerror}") from None
         self._listener.setblocking(False)
+        self._address: tuple[str, int] = self._listener.getsockname()[:2]
         self._epoll = select.epoll()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._connections: dict[int, Connection] = {}
@@ -117,18 +118,21 @@ class KvsServer:
     # ------------------------------------------------------------------ public API
     @property
     def address(self) -> tuple[str, int]:
-        """The bound ``(host, port)``."""
-        host, port = self._listener.getsockname()[:2]
-        return host, port
+        """The bound ``(host, port)`` (still known after the listener is closed)."""
+        return self._address
 
     def serve_forever(self) -> None:
         """Serve until :meth:`shutdown`; then return. Runs the I/O loop in this thread."""
         if not self._serve_lock.acquire(blocking=False):
             raise KvsError("serve_forever is already running")
         try:
+            # Who runs the loop, then "not stopped", then the check: a shutdown() racing with
+            # this start either is seen here or waits for _stopped; one from a signal handler
+            # in this thread never waits (it would wait for itself).
+            self._io_thread = threading.current_thread()
+            self._stopped.clear()
             if self._stopping:
                 return
-            self._stopped.clear()
             self._running.set()
             self._io_loop()
         finally:
@@ -141,10 +145,12 @@ class KvsServer:
         closed, and ``serve_forever`` returns. Waits for that unless called from the I/O
         thread itself (e.g. from a signal handler running there)."""
         self._stopping = True
-        try:
-            os.eventfd_write(self._wake_fd, 1)
-        except OSError:
-            pass
+        wake_fd = self._wake_fd
+        if wake_fd >= 0:
+            try:
+                os.eventfd_write(wake_fd, 1)
+            except OSError:
+                pass
         if threading.current_thread() is not getattr(self, "_io_thread", None):
             self._stopped.wait(timeout)
 
@@ -153,10 +159,10 @@ class KvsServer:
         self.shutdown()
         self._listener.close()
         self._epoll.close()
-        try:
-            os.close(self._wake_fd)
-        except OSError:
-            pass
+        # -1 first: a late shutdown() (a signal) must not write to a reused descriptor number
+        wake_fd, self._wake_fd = self._wake_fd, -1
+        if wake_fd >= 0:
+            os.close(wake_fd)
 
     def __enter__(self) -> KvsServer:
         return self
@@ -251,11 +257,21 @@ class KvsServer:
             self._epoll.unregister(self._listener.fileno())
         except (OSError, ValueError):
             pass
-        for conn in list(self._connections.values()):
-            if conn.state == IDLE:
-                conn.close()
-        with self._drained:
-            self._drained.wait_for(lambda: not self._connections)
+        # Close the listener now: serve_forever cannot run again, so a connection waiting in
+        # the backlog (or made later) must be refused, not left hanging until close().
+        self._listener.close()
+        while True:
+            for conn in list(self._connections.values()):
+                # Read the state under the lock: a worker in _rearm that saw _stopping False
+                # (just before shutdown) may be turning BUSY into IDLE right now; unlocked, we
+                # could see BUSY, skip it, and wait forever for an IDLE connection to close.
+                with conn.lock:
+                    idle = conn.state == IDLE
+                if idle:
+                    conn.close()
+            with self._drained:
+                if self._drained.wait_for(lambda: not self._connections, timeout=1.0):
+                    return
 
     # ------------------------------------------------------------------ called by connections
     def _make_session(self, first_byte: int, peer: str) -> Session | None:

@@ -1,0 +1,559 @@
+"""KvsServer and KvsClient over real sockets, in process (serve_forever in a thread).
+
+Behaviour only, never timing: every wait is a condition polled with a deadline, and each
+server is stopped by the context manager that started it (tests/netutil.py).
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+
+from kvs.client import KvsClient
+from kvs.errors import KeyNotFoundError, KvsError
+from kvs.protocol import (
+    REQUEST_MAGIC,
+    ResponseDecoder,
+    Status,
+    encode_get,
+    encode_ping,
+    encode_set,
+)
+from kvs.server import KvsServer
+from kvs.thread_pool import POOLS
+from tests.netutil import (
+    DEADLINE,
+    connect,
+    opened_engine,
+    read_until_closed,
+    server_answers,
+    server_stack,
+    serving,
+    started_pool,
+    wait_for,
+)
+
+ALL_POOLS = list(POOLS)
+
+
+def run_threads(targets: list, timeout: float = 90.0) -> None:
+    """Run each callable in its own thread; re-raise the first failure; fail if one hangs."""
+    errors: list[BaseException] = []
+
+    def body(fn) -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body, args=(fn,), daemon=True) for fn in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a client thread hung"
+    if errors:
+        raise errors[0]
+
+
+# ------------------------------------------------------------------------------ basics
+
+
+def test_client_commands_round_trip(tmp_path: Path) -> None:
+    with server_stack(tmp_path) as server, KvsClient(server.address) as c:
+        assert c.get("missing") is None
+        c.set("key1", "value1")
+        assert c.get("key1") == "value1"
+        c.set("key1", "value2")
+        assert c.get("key1") == "value2"
+        c.set("", "")  # the empty string is a valid key and value
+        assert c.get("") == ""
+        c.set("ключ ✓", "значение 🎉")
+        assert c.get("ключ ✓") == "значение 🎉"
+        c.remove("key1")
+        assert c.get("key1") is None
+        with pytest.raises(KeyNotFoundError):
+            c.remove("key1")
+        c.ping()
+        assert c.get("") == ""  # the connection is still usable after a NOT_FOUND
+
+
+def test_address_string_and_tuple(tmp_path: Path) -> None:
+    with server_stack(tmp_path) as server:
+        host, port = server.address
+        assert host == "127.0.0.1" and port > 0
+        with KvsClient(f"{host}:{port}") as c:
+            c.set("a", "1")
+        with KvsClient((host, port)) as c:
+            assert c.get("a") == "1"
+
+
+def test_server_error_is_a_kvs_error_and_the_connection_continues(tmp_path: Path) -> None:
+    with server_stack(tmp_path, max_key_bytes=16) as server, KvsClient(server.address) as c:
+        with pytest.raises(KvsError, match="over the limit"):
+            c.set("k" * 100, "v")  # the client allows it; the server's limit refuses it
+        c.set("short", "v")
+        assert c.get("short") == "v"
+
+
+def test_port_in_use_is_a_kvs_error(tmp_path: Path) -> None:
+    with server_stack(tmp_path) as server, started_pool("shared-queue", 1) as pool, \
+            opened_engine("kvs", tmp_path / "other") as engine:
+        with pytest.raises(KvsError, match="address already in use"):
+            KvsServer(engine, pool, server.address)
+
+
+def test_client_cannot_connect_is_a_kvs_error() -> None:
+    with socket.socket() as s:  # a port nobody listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        with pytest.raises(KvsError, match="cannot connect"):
+            KvsClient(s.getsockname())
+
+
+def test_closed_client_raises_kvs_error(tmp_path: Path) -> None:
+    with server_stack(tmp_path) as server:
+        c = KvsClient(server.address)
+        c.close()
+        c.close()
+        with pytest.raises(KvsError):
+            c.ping()
+
+
+def test_shutdown_before_serve_forever_and_close_twice(tmp_path: Path) -> None:
+    with opened_engine("kvs", tmp_path / "d") as engine, started_pool("shared-queue", 1) as pool:
+        server = KvsServer(engine, pool, ("127.0.0.1", 0))
+        server.shutdown()
+        server.serve_forever()  # returns at once: already shut down
+        server.close()
+        server.close()
+
+
+# ------------------------------------------------------------------------------ concurrency
+
+
+@pytest.mark.parametrize(
+    "engine,pool",
+    [("kvs", p) for p in ALL_POOLS] + [("sqlite", "shared-queue"), ("sqlite", "work-stealing")],
+)
+def test_64_concurrent_clients_lose_nothing(tmp_path: Path, engine: str, pool: str) -> None:
+    # the naive pool starts a thread per request: fewer requests keep the test short
+    clients, per_client = 64, (20 if pool == "naive" else 100)
+    with server_stack(tmp_path, engine=engine, pool=pool, threads=4) as server:
+        addr = server.address
+        barrier = threading.Barrier(clients)
+
+        def client(n: int) -> None:
+            with KvsClient(addr) as c:
+                barrier.wait(DEADLINE)
+                for i in range(per_client):
+                    c.set(f"c{n}-k{i}", f"value {n} {i}")
+                    if i % 10 == 9:  # overwrite an earlier key of ours
+                        c.set(f"c{n}-k{i - 5}", f"again {n} {i - 5}")
+                for i in range(per_client):
+                    expected = f"again {n} {i}" if i % 10 == 4 else f"value {n} {i}"
+                    assert c.get(f"c{n}-k{i}") == expected
+                    assert c.get(f"c{(n + 1) % clients}-missing-{i}") is None
+
+        run_threads([lambda n=n: client(n) for n in range(clients)])
+        assert server.total_commands() >= clients * per_client * 2
+        with KvsClient(addr) as c:  # everything is there, seen from another connection
+            with c.pipeline() as p:
+                for n in range(clients):
+                    for i in range(per_client):
+                        p.get(f"c{n}-k{i}")
+            results = p.results()
+        expected = [f"again {n} {i}" if i % 10 == 4 else f"value {n} {i}"
+                    for n in range(clients) for i in range(per_client)]
+        assert results == expected
+
+
+def test_concurrent_writers_of_the_same_keys_leave_one_of_the_written_values(tmp_path: Path) -> None:
+    with server_stack(tmp_path, threads=4) as server:
+        addr = server.address
+
+        def writer(n: int) -> None:
+            with KvsClient(addr) as c:
+                for i in range(200):
+                    c.set(f"shared{i % 10}", f"w{n}")
+
+        run_threads([lambda n=n: writer(n) for n in range(16)])
+        with KvsClient(addr) as c:
+            for i in range(10):
+                assert c.get(f"shared{i}") in {f"w{n}" for n in range(16)}
+
+
+@pytest.mark.parametrize("pool", ["shared-queue", "work-stealing"])
+def test_1000_idle_connections_do_not_block_a_new_client(tmp_path: Path, pool: str) -> None:
+    with server_stack(tmp_path, pool=pool, threads=2) as server:
+        addr = server.address
+        idle: list[socket.socket] = []
+        try:
+            for i in range(1000):
+                s = connect(addr)
+                if i % 10 == 0:  # a tenth of them stall in the middle of a frame
+                    s.sendall(encode_set("half", "sent")[: 5 + i % 7])
+                idle.append(s)
+            wait_for(lambda: server.connection_count() >= 1000, what="1000 accepted connections")
+            with KvsClient(addr) as c:  # served at once although 1000 peers hold connections
+                c.set("new", "client")
+                assert c.get("new") == "client"
+                with c.pipeline() as p:
+                    for i in range(100):
+                        p.set(f"k{i}", str(i)).get(f"k{i}")
+                assert p.results() == [x for i in range(100) for x in (None, str(i))]
+            # the idle ones are still open and still work
+            for s in idle[1:50:7]:
+                s.sendall(encode_ping())
+                assert s.recv(64) == b"\xcc\x01\x03\x00\x00\x00\x00\x00"
+        finally:
+            for s in idle:
+                s.close()
+        wait_for(lambda: server.connection_count() == 0, what="the closed connections to be forgotten")
+
+
+def test_large_responses_to_a_client_with_a_descriptor_above_1024(tmp_path: Path) -> None:
+    """Both sides have more than FD_SETSIZE descriptors open: waits on a socket must not
+    depend on select()."""
+    value = "v" * (3 << 20)
+    with server_stack(tmp_path, threads=2) as server:
+        addr = server.address
+        idle = [connect(addr) for _ in range(1100)]
+        try:
+            wait_for(lambda: server.connection_count() >= 1100, what="1100 accepted connections")
+            with KvsClient(addr) as c:
+                assert c._sock.fileno() > 1024
+                with c.pipeline() as p:
+                    for i in range(4):
+                        p.set(f"big{i}", value + str(i))
+                    for i in range(4):
+                        p.get(f"big{i}")
+                assert p.results() == [None] * 4 + [value + str(i) for i in range(4)]
+        finally:
+            for s in idle:
+                s.close()
+
+
+# ------------------------------------------------------------------------------ pipelining
+
+
+def test_1000_pipelined_requests_come_back_in_order(tmp_path: Path) -> None:
+    rng = random.Random(1234)
+    model: dict[str, str] = {}
+    expected: list = []
+    with server_stack(tmp_path) as server, KvsClient(server.address) as c:
+        with c.pipeline() as p:
+            for i in range(1000):
+                key = f"key{rng.randrange(40)}"
+                r = rng.random()
+                if r < 0.4:
+                    value = f"value {i} " + "x" * rng.randrange(200)
+                    p.set(key, value)
+                    model[key] = value
+                    expected.append(None)
+                elif r < 0.75:
+                    p.get(key)
+                    expected.append(model.get(key))
+                elif r < 0.9:
+                    p.remove(key)
+                    expected.append(None if model.pop(key, None) is not None else KeyNotFoundError)
+                else:
+                    p.ping()
+                    expected.append(None)
+            assert len(p) == 1000
+        results = p.results()
+        assert len(results) == 1000
+        for i, (got, want) in enumerate(zip(results, expected)):
+            if want is KeyNotFoundError:
+                assert isinstance(got, KeyNotFoundError), f"request {i}: {got!r}"
+            else:
+                assert got == want, f"request {i}"
+        # the connection is still in sync after the pipeline
+        c.set("after", "pipeline")
+        assert c.get("after") == "pipeline"
+        for key, value in model.items():
+            assert c.get(key) == value
+
+
+def test_pipelined_raw_frames_in_one_send_and_byte_by_byte(tmp_path: Path) -> None:
+    frames = [encode_set(f"k{i}", f"v{i}") for i in range(50)] + [encode_get(f"k{i}") for i in range(50)]
+    stream = b"".join(frames)
+    with server_stack(tmp_path) as server:
+        for chunked in (False, True):
+            s = connect(server.address)
+            try:
+                if chunked:
+                    for i in range(len(stream)):
+                        s.sendall(stream[i : i + 1])
+                else:
+                    s.sendall(stream)
+                s.shutdown(socket.SHUT_WR)
+                responses = ResponseDecoder().feed(read_until_closed(s))
+            finally:
+                s.close()
+            assert [r.status for r in responses[:50]] == [Status.OK] * 50
+            assert [r.value for r in responses[50:]] == [f"v{i}" for i in range(50)]
+
+
+def test_client_that_does_not_read_is_dropped_after_send_timeout(tmp_path: Path) -> None:
+    with server_stack(tmp_path, threads=2, send_timeout=0.5) as server:
+        with KvsClient(server.address) as c:
+            c.set("big", "b" * (1 << 20))
+        s = connect(server.address)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            wait_for(lambda: server.connection_count() == 1, what="the connection to be accepted")
+            # 64 MiB of responses requested, none read: the server's sends block, then give up
+            s.sendall(encode_get("big") * 64)
+            wait_for(lambda: server.connection_count() == 0, what="the non-reading client to be dropped")
+            server_answers(server.address, "big", "b" * (1 << 20))
+        finally:
+            s.close()
+
+
+# ------------------------------------------------------------------------------ shutdown
+
+
+def test_shutdown_with_requests_in_flight_answers_them(tmp_path: Path) -> None:
+    n_clients = 16
+    with opened_engine("kvs", tmp_path / "d") as engine, started_pool("shared-queue", 4) as pool:
+        with serving(engine, pool) as server:
+            addr = server.address
+            acked: list[dict[str, str]] = [{} for _ in range(n_clients)]
+            endings: list[BaseException | None] = [None] * n_clients
+            progress = threading.Semaphore(0)
+
+            def hammer(n: int) -> None:
+                with KvsClient(addr, timeout=DEADLINE) as c:
+                    try:
+                        for i in range(10**9):
+                            key, value = f"t{n}-{i}", f"value {n} {i}"
+                            if i % 4 == 3:
+                                with c.pipeline() as p:
+                                    p.set(key, value).get(key).get(f"t{n}-{i - 1}")
+                                got = p.results()
+                                for r in got:
+                                    if isinstance(r, KvsError):
+                                        raise r
+                                assert got == [None, value, f"value {n} {i - 1}"]
+                            else:
+                                c.set(key, value)
+                                assert c.get(key) == value
+                            acked[n][key] = value
+                            progress.release()
+                    except KvsError as exc:
+                        endings[n] = exc
+
+            threads = [threading.Thread(target=hammer, args=(n,), daemon=True) for n in range(n_clients)]
+            for t in threads:
+                t.start()
+            for _ in range(n_clients * 20):  # let them get going
+                assert progress.acquire(timeout=DEADLINE), "the clients made no progress"
+            stopper = threading.Thread(target=server.shutdown, daemon=True)
+            stopper.start()
+            stopper.join(DEADLINE)
+            assert not stopper.is_alive(), "shutdown() did not return"
+            for t in threads:
+                t.join(DEADLINE)
+            assert not any(t.is_alive() for t in threads), "a client hung after shutdown"
+            for n, exc in enumerate(endings):
+                assert isinstance(exc, KvsError), f"client {n} ended with {exc!r}"
+                assert "timed out" not in str(exc), f"client {n} waited for its timeout: {exc}"
+            # a connection attempted after shutdown is refused or closed, not left pending
+            try:
+                late = socket.create_connection(addr, timeout=DEADLINE)
+            except ConnectionRefusedError:
+                pass
+            else:
+                with late:
+                    late.sendall(encode_ping())
+                    assert read_until_closed(late) == b""
+        # every acknowledged write is in the engine (which shutdown leaves open)
+        total = 0
+        for n in range(n_clients):
+            for key, value in acked[n].items():
+                assert engine.get(key) == value
+            total += len(acked[n])
+        assert total >= n_clients * 20
+
+
+@pytest.mark.parametrize("pool", ["shared-queue", "work-stealing", "executor"])
+def test_repeated_shutdown_under_pipelined_load_always_returns(tmp_path: Path, pool: str) -> None:
+    """Shutdown racing with workers that are re-arming their connections: serve_forever
+    returns every time and every client ends with a KvsError."""
+    with opened_engine("kvs", tmp_path / "d") as engine, started_pool(pool, 2) as p:
+        for round_ in range(8):
+            with serving(engine, p) as server:
+                addr = server.address
+                started = threading.Barrier(7)
+                endings: list[BaseException | None] = [None] * 6
+
+                def load(n: int) -> None:
+                    with KvsClient(addr, timeout=DEADLINE) as c:
+                        started.wait(DEADLINE)
+                        try:
+                            while True:
+                                with c.pipeline() as pipe:
+                                    for i in range(8):
+                                        pipe.set(f"r{n}-{i}", str(round_)).get(f"r{n}-{i}")
+                                results = pipe.results()
+                                for r in results:
+                                    if isinstance(r, KvsError):
+                                        raise r
+                                assert results == [None, str(round_)] * 8
+                        except KvsError as exc:
+                            endings[n] = exc
+
+                threads = [threading.Thread(target=load, args=(n,), daemon=True) for n in range(6)]
+                for t in threads:
+                    t.start()
+                started.wait(DEADLINE)
+                server.shutdown(timeout=DEADLINE)
+                for t in threads:
+                    t.join(DEADLINE)
+                assert not any(t.is_alive() for t in threads)
+                assert all(isinstance(e, KvsError) and "timed out" not in str(e) for e in endings), endings
+
+
+def test_shutdown_from_a_pool_worker_thread_does_not_deadlock(tmp_path: Path) -> None:
+    """shutdown() may be called from any thread; the I/O loop ends and serve_forever returns."""
+    with opened_engine("kvs", tmp_path / "d") as engine, started_pool("shared-queue", 2) as pool:
+        server = KvsServer(engine, pool, ("127.0.0.1", 0))
+        done = threading.Event()
+
+        def run() -> None:
+            server.serve_forever()
+            done.set()
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        try:
+            server_answers(server.address)
+            pool.spawn(lambda: server.shutdown(timeout=DEADLINE))
+            assert done.wait(DEADLINE), "serve_forever did not return"
+        finally:
+            server.shutdown(timeout=DEADLINE)
+            t.join(DEADLINE)
+            server.close()
+
+
+def test_context_manager_closes_the_listener(tmp_path: Path) -> None:
+    with opened_engine("kvs", tmp_path / "d") as engine, started_pool("shared-queue", 1) as pool:
+        with KvsServer(engine, pool, ("127.0.0.1", 0)) as server:
+            addr = server.address
+        with pytest.raises(KvsError):
+            KvsClient(addr, timeout=DEADLINE).ping()
+
+
+# ------------------------------------------------------------------------------ limits
+
+
+def test_max_connections_is_enforced_and_the_others_keep_working(tmp_path: Path) -> None:
+    with server_stack(tmp_path, max_connections=3) as server:
+        addr = server.address
+        wait_for(lambda: server.connection_count() == 0, what="the start-up ping's connection to go")
+        clients = [KvsClient(addr) for _ in range(3)]
+        try:
+            for i, c in enumerate(clients):
+                c.set(f"k{i}", str(i))
+            extra = connect(addr)
+            with extra:
+                extra.sendall(encode_ping())
+                assert read_until_closed(extra) == b""  # accepted and closed, no response
+            with pytest.raises(KvsError):
+                with KvsClient(addr) as c4:
+                    c4.ping()
+            for i, c in enumerate(clients):
+                assert c.get(f"k{i}") == str(i)
+            clients[0].close()
+            wait_for(lambda: server.connection_count() == 2, what="the closed connection to be forgotten")
+            server_answers(addr, "k1", "1")  # a free slot again
+        finally:
+            for c in clients:
+                c.close()
+
+
+def test_half_sent_frame_is_closed_after_frame_timeout(tmp_path: Path) -> None:
+    with server_stack(tmp_path, frame_timeout=0.5) as server:
+        addr = server.address
+        idle = KvsClient(addr)  # connected before, sends nothing: idle, not stalled
+        stalled = connect(addr)
+        try:
+            idle.set("k", "v")
+            frame = encode_set("key", "value")
+            stalled.sendall(frame[:7])  # half a header
+            assert read_until_closed(stalled) == b""
+            # the idle connection has now been idle longer than frame_timeout: still served
+            assert idle.get("k") == "v"
+            # a frame completed in several pieces is answered
+            slow = connect(addr)
+            with slow:
+                slow.sendall(frame[:3])
+                slow.sendall(frame[3:14])
+                slow.sendall(frame[14:])
+                assert slow.recv(64) == b"\xcc\x01\x00\x00\x00\x00\x00\x00"
+            # a half-sent body (header complete) is a stalled frame too
+            body_stall = connect(addr)
+            with body_stall:
+                body_stall.sendall(frame[:13])
+                assert read_until_closed(body_stall) == b""
+            server_answers(addr, "key", "value")
+        finally:
+            idle.close()
+            stalled.close()
+
+
+@pytest.mark.parametrize("first", [b"\x00", b"\xff", b"\x01\x02\x03", b"\xcc\x01", b"\x80garbage"])
+def test_unknown_first_byte_is_closed_and_the_server_keeps_serving(tmp_path: Path, first: bytes) -> None:
+    with server_stack(tmp_path) as server:
+        s = connect(server.address)
+        with s:
+            s.sendall(first + b"\x00" * 20)
+            assert read_until_closed(s) == b""
+        server_answers(server.address)
+
+
+def test_resp_looking_first_byte_is_closed_when_only_kvs_is_served(tmp_path: Path) -> None:
+    with server_stack(tmp_path, protocols=["kvs"]) as server:
+        s = connect(server.address)
+        with s:
+            s.sendall(b"*1\r\n$4\r\nPING\r\n")
+            assert read_until_closed(s) == b""
+        server_answers(server.address)
+
+
+def test_bad_magic_after_valid_frames_answers_them_then_fatal(tmp_path: Path) -> None:
+    with server_stack(tmp_path) as server:
+        s = connect(server.address)
+        with s:
+            s.sendall(encode_set("a", "1") + encode_get("a") + b"\x00" * 12 + encode_ping())
+            responses = ResponseDecoder().feed(read_until_closed(s))
+        assert [r.status for r in responses] == [Status.OK, Status.VALUE, Status.FATAL]
+        assert responses[1].value == "1"
+        server_answers(server.address, "a", "1")
+
+
+def test_huge_length_prefix_gets_fatal_without_the_body(tmp_path: Path) -> None:
+    with server_stack(tmp_path) as server:
+        s = connect(server.address)
+        with s:
+            s.sendall(struct.pack(">BBBBII", REQUEST_MAGIC, 1, 3, 0, 0xFFFFFFFF, 0xFFFFFFFF))
+            responses = ResponseDecoder().feed(read_until_closed(s))
+        assert [r.status for r in responses] == [Status.FATAL]
+        assert "maximum frame size" in responses[0].value
+        server_answers(server.address)
+
+
+def test_stopped_reading_client_does_not_stop_the_others(tmp_path: Path) -> None:
+    """A peer that closes without reading its responses costs only its own connection."""
+    with server_stack(tmp_path, threads=2) as server:
+        for _ in range(20):
+            s = connect(server.address)
+            s.sendall(encode_set("x", "y") * 100)
+            s.close()
+        server_answers(server.address, "x", "y")
+        wait_for(lambda: server.connection_count() == 0, what="the abandoned connections to close")
