@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import (
+    SMOKE,
     Progress,
     gil_enabled,
     latency_stats,
@@ -54,7 +55,7 @@ from bench.common import (
 )
 from kvs.client import KvsClient
 
-SUITE = "server_load"
+SUITE = "load"
 ENGINES = ["kvs", "sqlite"]
 POOL = "shared-queue"
 SCENARIOS = [  # (label, connections, pipeline depth)
@@ -219,12 +220,14 @@ def measure(address: tuple[str, int], op: str, connections: int, depth: int, req
 def run(quick: bool, progress: Progress = no_progress) -> list[dict]:
     """Every engine x scenario x {set, get} against a kvs-server subprocess."""
     threads = server_threads()
-    reps = 2 if quick else 5
+    reps = 1 if SMOKE else 2 if quick else 5
     requests = {  # per connection, per timed run
         (1, 1): 1500 if quick else 5000,
         (50, 1): 60 if quick else 300,
         (50, 16): 160 if quick else 960,
     }
+    if SMOKE:
+        requests = {k: 32 for k in requests}
     steps = len(ENGINES) * len(SCENARIOS) * 2
     done = 0
     records: list[dict] = []
