@@ -219,3 +219,8 @@ class Pipeline:
                  tb: TracebackType | None) -> None:
         if exc_type is None:
             self.execute()
+
+
+from kvs.freethreading import share_module_globals  # noqa: E402  (last: marks this module's globals)
+
+share_module_globals(globals())

@@ -32,11 +32,14 @@ import ctypes
 import logging
 import sys
 import sysconfig
+import weakref
+from collections.abc import Iterable
 
 log = logging.getLogger("kvs.freethreading")
 
 FREE_THREADED = sysconfig.get_config_var("Py_GIL_DISABLED") == 1
 
+_OB_TID = 0
 _OB_REF_LOCAL = 12
 _OB_REF_SHARED = 16
 _OB_TYPE = 24
@@ -105,3 +108,108 @@ def fresh_shared_int(n: int) -> int:
     m = int.from_bytes(n.to_bytes(16, "little", signed=True), "little", signed=True)
     share_fresh(m)
     return m
+
+
+def _owned_here_and_unshared(obj: object) -> bool:
+    """True when ``obj`` is not immortal, is owned by the calling thread, and no other thread
+    has taken a counted reference to it (its shared count is zero)."""
+    addr = id(obj)
+    if _u32_at(addr + _OB_REF_LOCAL).value == 0xFFFFFFFF:
+        return False
+    probe = object()  # owned by this thread: its ob_tid is ours
+    mine = ctypes.c_size_t.from_address(id(probe) + _OB_TID).value
+    return ctypes.c_size_t.from_address(addr + _OB_TID).value == mine and _ssize_at(addr + _OB_REF_SHARED).value == 0
+
+
+def share(obj: object) -> None:
+    """Let other threads take references to ``obj`` lock-free, whoever may already hold it.
+
+    For a weak-referenceable object this asks CPython itself: creating a weak reference sets
+    the flag with an atomic compare-and-swap (``_PyObject_SetMaybeWeakref``). Other objects
+    are left alone (use :func:`share_fresh` for those you just created)."""
+    if SHARING_ENABLED:
+        try:
+            weakref.ref(obj)
+        except TypeError:
+            pass
+
+
+def share_new(obj: object) -> None:
+    """:func:`share` for an object the calling thread just created and has not published:
+    weak-referenceable or not, it gets the flag (immortal objects need none)."""
+    if SHARING_ENABLED:
+        try:
+            weakref.ref(obj)
+        except TypeError:
+            if _owned_here_and_unshared(obj):
+                share_fresh(obj)
+
+
+def share_constants(container: dict | list | tuple, *, recurse: bool = True) -> None:
+    """Mark a module-level constant container built at import, and its items, shareable.
+
+    A dict built at import by a thread that stays alive (the main thread, usually) and read
+    by other threads sends every lookup whose stored key or value is not immortal down
+    CPython 3.13t's locked slow path. Call this right after building it, before any other
+    thread can see it. Items owned by another thread, or already referenced by one, are
+    skipped (they cannot be marked safely)."""
+    if not SHARING_ENABLED:
+        return
+    items: Iterable[object] = container.items() if isinstance(container, dict) else container
+    if _owned_here_and_unshared(container):
+        share_fresh(container)
+    for item in items:
+        for obj in (item if isinstance(container, dict) else (item,)):
+            if _owned_here_and_unshared(obj):
+                share_fresh(obj)
+            if recurse and isinstance(obj, (dict, list, tuple)):
+                share_constants(obj, recurse=False)
+
+
+def _share_owned(obj: object) -> None:
+    try:
+        weakref.ref(obj)  # atomic, by CPython itself
+    except TypeError:
+        if _owned_here_and_unshared(obj):
+            share_fresh(obj)
+
+
+def share_module_globals(namespace: dict[str, object]) -> None:
+    """Call as the last statement of a module read by many threads: ``share_module_globals(globals())``.
+
+    Every global a function loads (``LOAD_GLOBAL``) is a lookup in the module's dict; on 3.13t
+    a value made at import by a thread that is still alive (struct methods, prebuilt bytes,
+    ints above 256, enum members, constant tables) sends every such load from another thread
+    down the dict's locked slow path, and all worker threads then queue on that one dict's
+    lock. This marks the module's values, the members of classes defined in it, and the items
+    of its constant containers. Runs once per import, before other threads can use the
+    module's new objects (they wait on the import lock)."""
+    if not SHARING_ENABLED:
+        return
+    module = namespace.get("__name__")
+    for value in list(namespace.values()):
+        _share_owned(value)
+        if isinstance(value, type) and getattr(value, "__module__", None) == module:
+            for member in list(vars(value).values()):
+                _share_owned(member)
+        elif isinstance(value, (dict, list, tuple)):
+            share_constants(value)
+
+
+def share_attributes(obj: object) -> None:
+    """Mark ``obj`` and its current attribute values shareable (call at the end of an
+    ``__init__`` whose object other threads will read). Values other threads already hold
+    are marked only through CPython's atomic weak-reference path."""
+    if not SHARING_ENABLED:
+        return
+    _share_owned(obj)
+    values = list(getattr(obj, "__dict__", {}).values())
+    for cls in type(obj).__mro__:
+        for name in getattr(cls, "__slots__", ()):
+            if name not in ("__weakref__", "__dict__"):
+                try:
+                    values.append(getattr(obj, name))
+                except AttributeError:
+                    pass
+    for value in values:
+        _share_owned(value)

@@ -695,3 +695,8 @@ class ResponseDecoder(_Decoder):
         return _Decoder.feed(self, data)
 
     feed.__doc__ = _Decoder.feed.__doc__
+
+
+from kvs.freethreading import share_module_globals  # noqa: E402  (last: marks this module's globals)
+
+share_module_globals(globals())

@@ -545,3 +545,8 @@ class RespReplyDecoder:
     def pending_bytes(self) -> int:
         """Bytes of an incomplete reply held back."""
         return len(self._buf)
+
+
+from kvs.freethreading import share_module_globals  # noqa: E402  (last: marks this module's globals)
+
+share_module_globals(globals())

@@ -85,3 +85,8 @@ def scan(buf: bytes | memoryview, max_record: int) -> Iterator[tuple[int, int, b
             raise CorruptRecord(offset, "checksum mismatch")
         yield offset, op, bytes(view[offset + HEADER_SIZE : offset + HEADER_SIZE + klen]), length
         offset += length
+
+
+from kvs.freethreading import share_module_globals  # noqa: E402  (last: marks this module's globals)
+
+share_module_globals(globals())

@@ -30,6 +30,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from kvs.freethreading import share_attributes
 from kvs.server.sessions import Session
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ _MSG_DONTWAIT = socket.MSG_DONTWAIT
 class Connection:
     """A client connection of a :class:`~kvs.server.server.KvsServer`."""
 
-    __slots__ = ("server", "sock", "fd", "peer", "session", "lock", "state", "partial_since")
+    __slots__ = ("server", "sock", "fd", "peer", "session", "lock", "state", "partial_since", "__weakref__")
 
     def __init__(self, server: KvsServer, sock: socket.socket, peer: str) -> None:
         self.server = server
@@ -57,6 +58,7 @@ class Connection:
         self.lock = threading.Lock()
         self.state = IDLE
         self.partial_since = 0.0  # monotonic time a half-received frame started waiting
+        share_attributes(self)  # read by pool threads while this (I/O) thread lives
 
     def serve(self) -> None:
         """Pool job: answer every complete request available now, then re-arm or close."""
@@ -128,3 +130,8 @@ class Connection:
             self.sock.close()
         except OSError:
             pass
+
+
+from kvs.freethreading import share_module_globals  # noqa: E402  (last: marks this module's globals)
+
+share_module_globals(globals())

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from kvs import __version__
 from kvs.errors import KeyNotFoundError, KvsError
+from kvs.freethreading import share_attributes
 from kvs.resp import (
     EMPTY_ARRAY,
     NULL_BULK,
@@ -59,7 +60,7 @@ _RESP3_NULL = b"_\r\n"
 class RespSession:
     """One RESP2 connection: bytes in, reply bytes out."""
 
-    __slots__ = ("server", "engine", "peer", "decoder", "closing", "commands", "null")
+    __slots__ = ("server", "engine", "peer", "decoder", "closing", "commands", "null", "__weakref__")
 
     def __init__(self, server: KvsServer, peer: str) -> None:
         self.server = server
@@ -69,6 +70,8 @@ class RespSession:
         self.closing = False
         self.commands = 0
         self.null = NULL_BULK  # RESP3's "_" after HELLO 3
+        share_attributes(self.decoder)  # later batches may run on other pool threads
+        share_attributes(self)
 
     @property
     def in_frame(self) -> bool:
@@ -241,3 +244,8 @@ def _text(raw: bytes, what: str) -> str:
 
 def _fsync_policy(server: KvsServer) -> str:
     return getattr(server.engine, "_fsync", "never")
+
+
+from kvs.freethreading import share_module_globals  # noqa: E402  (last: marks this module's globals)
+
+share_module_globals(globals())

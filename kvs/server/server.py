@@ -41,6 +41,7 @@ from types import TracebackType
 from kvs.address import parse_address
 from kvs.engine.base import KvsEngine
 from kvs.errors import KvsError
+from kvs.freethreading import share_attributes
 from kvs.limits import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES
 from kvs.protocol import REQUEST_MAGIC
 from kvs.server.connection import BUSY, IDLE, Connection
@@ -114,6 +115,7 @@ class KvsServer:
         self._drained = threading.Condition()
         self._commands_of_closed = 0
         self._stats_lock = threading.Lock()
+        share_attributes(self)  # pool threads read the server's attributes on every request
 
     # ------------------------------------------------------------------ public API
     @property
@@ -317,3 +319,8 @@ class KvsServer:
 def available_protocols() -> tuple[str, ...]:
     """Names of the protocols a server can speak."""
     return PROTOCOLS
+
+
+from kvs.freethreading import share_module_globals  # noqa: E402  (last: marks this module's globals)
+
+share_module_globals(globals())

@@ -18,6 +18,7 @@ import logging
 from typing import Protocol
 
 from kvs.engine.base import KvsEngine
+from kvs.freethreading import share_attributes
 from kvs.errors import KeyNotFoundError, KvsError
 from kvs.protocol import (
     NOT_FOUND_RESPONSE,
@@ -55,7 +56,7 @@ class Session(Protocol):
 class KvsSession:
     """Our binary protocol on one connection."""
 
-    __slots__ = ("engine", "peer", "decoder", "closing", "commands")
+    __slots__ = ("engine", "peer", "decoder", "closing", "commands", "__weakref__")
 
     def __init__(self, engine: KvsEngine, peer: str, *, max_key_bytes: int, max_value_bytes: int) -> None:
         self.engine = engine
@@ -63,6 +64,8 @@ class KvsSession:
         self.decoder = RequestDecoder(max_key_bytes=max_key_bytes, max_value_bytes=max_value_bytes)
         self.closing = False
         self.commands = 0
+        share_attributes(self.decoder)  # later batches may run on other pool threads
+        share_attributes(self)
 
     @property
     def in_frame(self) -> bool:
@@ -112,3 +115,8 @@ class KvsSession:
                 log.exception("internal error serving %s", self.peer)
                 append(encode_error("internal server error"))
         return b"".join(out)
+
+
+from kvs.freethreading import share_module_globals  # noqa: E402  (last: marks this module's globals)
+
+share_module_globals(globals())
