@@ -48,10 +48,13 @@ def write_hint_file(path: str, entries: list[bytes], count: int) -> None:
 
 
 def read_hint_file(path: str, segment_size: int) -> Iterator[tuple[bytes, int, int]]:
-    """Yield ``(key, offset, length)`` of every entry, after checking the whole file.
+    """An iterator of ``(key, offset, length)`` over every entry, after checking the whole file.
 
     Raises :class:`BadHintFile` when the magic, the checksum, the entry count or any entry's
-    bounds (against ``segment_size``, the size of the segment's log) are wrong."""
+    bounds (against ``segment_size``, the size of the segment's log) are wrong. Every check
+    runs before this returns, so a caller never sees a part of a bad file; the entries are
+    then decoded lazily (no list of every entry: opening a store with millions of keys would
+    otherwise allocate, and keep resident, far more than the index itself)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -65,7 +68,7 @@ def read_hint_file(path: str, segment_size: int) -> Iterator[tuple[bytes, int, i
     count, _ = TRAILER.unpack_from(data, len(data) - TRAILER.size)
     end = len(data) - TRAILER.size
     pos = len(MAGIC)
-    entries = []
+    found = 0
     unpack = ENTRY.unpack_from
     esize = ENTRY.size
     while pos < end:
@@ -75,8 +78,20 @@ def read_hint_file(path: str, segment_size: int) -> Iterator[tuple[bytes, int, i
         pos += esize
         if pos + klen > end or offset + length > segment_size:
             raise BadHintFile("entry out of bounds")
-        entries.append((data[pos : pos + klen], offset, length))
         pos += klen
-    if len(entries) != count:
+        found += 1
+    if found != count:
         raise BadHintFile("entry count mismatch")
-    return iter(entries)
+    return _entries(data, end)
+
+
+def _entries(data: bytes, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """The entries of a checked hint file body ``data[len(MAGIC):end]``."""
+    pos = len(MAGIC)
+    unpack = ENTRY.unpack_from
+    esize = ENTRY.size
+    while pos < end:
+        klen, offset, length = unpack(data, pos)
+        pos += esize
+        yield data[pos : pos + klen], offset, length
+        pos += klen

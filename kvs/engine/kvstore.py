@@ -71,6 +71,9 @@ _FD_SHIFT = 70
 _OFF_SHIFT = 30
 _LEN_MASK = (1 << 30) - 1
 _OFF_MASK = (1 << 40) - 1
+# Reading (replay, compaction) accepts any record the format can address: the size limits
+# of ``open`` apply to new writes only, so reopening with smaller limits keeps old records.
+_MAX_STORED_RECORD = _LEN_MASK
 _HEADER_SIZE = record.HEADER_SIZE
 _HEADER_UNPACK = record.HEADER.unpack_from
 share_fresh(_HEADER_UNPACK)  # made just now by this import; read by every reader thread
@@ -163,7 +166,6 @@ class KvStore:
         self._max_segment = max_segment_bytes
         self._max_key = max_key_bytes
         self._max_value = max_value_bytes
-        self._max_record = record.OVERHEAD + max_key_bytes + max_value_bytes
         self._closed = True  # until recovery has finished
         self._dir: DataDir | None = None
         self._mask = stripes - 1
@@ -268,7 +270,7 @@ class KvStore:
         hint_path = self.path / segments.hint_name(seg.gen)
         if hint_path.exists():
             try:
-                entries = list(hints.read_hint_file(str(hint_path), seg.size))
+                entries = hints.read_hint_file(str(hint_path), seg.size)  # checked, lazy
             except hints.BadHintFile as exc:
                 log.warning("%s: %s; replaying %s from its log instead", hint_path, exc, seg.path.name)
             else:
@@ -278,13 +280,13 @@ class KvStore:
         data = _read_all(seg)
         pos = 0
         try:
-            for pos, op, key, length in record.scan(data, self._max_record):
+            for pos, op, key, length in record.scan(data, _MAX_STORED_RECORD):
                 if op == _OP_SET:
                     self._index_put(key, _pack(seg.fd, pos, length))
                 else:
                     self._stripes[hash(k := key.decode()) & self._mask].pop(k, None)
         except record.CorruptRecord as exc:
-            if newest and _is_torn_tail(data, exc.offset, self._max_record):
+            if newest and _is_torn_tail(data, exc.offset, _MAX_STORED_RECORD):
                 log.warning("%s: cutting off a torn or corrupt record at offset %d (%s), "
                             "%d bytes: the tail of an interrupted write",
                             seg.path, exc.offset, exc.reason, len(data) - exc.offset)
@@ -559,7 +561,12 @@ class KvStore:
                     log.error("interval fsync of %s failed: %s", seg.path, exc.strerror)
 
     # ------------------------------------------------------------------ compaction
+    def _compaction_due(self) -> bool:
+        stale = self._total_bytes - self._live_bytes
+        return stale >= self._compaction_threshold and stale >= self._compaction_ratio * self._total_bytes
+
     def _maybe_want_compaction(self) -> None:
+        # _compaction_due() inlined: this runs after every write.
         stale = self._total_bytes - self._live_bytes
         if stale >= self._compaction_threshold and stale >= self._compaction_ratio * self._total_bytes:
             self._compaction_wanted.set()
@@ -572,6 +579,10 @@ class KvStore:
             if self._stopping.is_set():
                 return
             self._compaction_wanted.clear()
+            if not self._compaction_due():
+                # Writers set the trigger during the previous compaction, when the log still
+                # counted its inputs and outputs: re-check against the sizes of now.
+                continue
             try:
                 self.compact()
                 backoff = 1.0
@@ -633,7 +644,7 @@ class KvStore:
         fd = seg.fd
         mask = self._mask
         stripes = self._stripes
-        for offset, op, key_bytes, length in record.scan(data, self._max_record):
+        for offset, op, key_bytes, length in record.scan(data, _MAX_STORED_RECORD):
             if op != _OP_SET:
                 continue
             key = key_bytes.decode()
@@ -741,3 +752,8 @@ def _write_durable(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     fsync_dir(path.parent)
+
+
+from kvs.freethreading import share_module_globals  # noqa: E402  (last: marks this module's globals)
+
+share_module_globals(globals())
