@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import threading
 import zlib
 from pathlib import Path
@@ -78,9 +79,12 @@ _HEADER_SIZE = record.HEADER_SIZE
 _HEADER_UNPACK = record.HEADER.unpack_from
 share_fresh(_HEADER_UNPACK)  # made just now by this import; read by every reader thread
 _OP_SET = record.OP_SET
+_HEADER_PACK = record.HEADER.pack
+_CRC_PACK = struct.Struct("<I").pack
 _CRC_RESIDUE = record.CRC_RESIDUE
 _crc32 = zlib.crc32
 _pread = os.pread
+_pwrite = os.pwrite
 
 
 def _pack(fd: int, offset: int, length: int) -> int:
@@ -121,12 +125,16 @@ class KvStore:
         max_key_bytes: int = DEFAULT_MAX_KEY_BYTES,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         background_compaction: bool = True,
+        cache_entries: int = 131072,
+        cache_value_bytes: int = 1024,
     ) -> KvStore:
         """Open (creating if needed) the store in directory ``path`` and replay its log.
 
         ``compaction_threshold``: stale bytes that start a background compaction, provided
         they are also at least ``compaction_ratio`` of the log. ``stripes``: index stripes (a
         power of two). ``background_compaction=False`` leaves compaction to :meth:`compact`.
+        ``cache_entries``: how many decoded values of up to ``cache_value_bytes`` bytes ``get``
+        keeps in memory (spread over the stripes, oldest evicted first; 0 disables it).
         Raises ``KvsError`` for a bad option, a directory in use or of another engine, and
         for corruption that is not a torn tail."""
         if fsync not in FSYNC_POLICIES:
@@ -143,9 +151,13 @@ class KvStore:
             raise KvsError("max_segment_bytes must be between 1 KiB and 1 TiB")
         if record.OVERHEAD + max_key_bytes + max_value_bytes > _LEN_MASK:
             raise KvsError("max_key_bytes + max_value_bytes must stay under 1 GiB")
+        if cache_entries < 0 or cache_value_bytes < 0:
+            raise KvsError("cache_entries and cache_value_bytes must be >= 0")
         store = cls.__new__(cls)
         store._init(Path(path), fsync, fsync_interval, compaction_threshold, compaction_ratio,
                     max_segment_bytes, stripes, max_key_bytes, max_value_bytes)
+        store._cache_per_stripe = -(-cache_entries // stripes)  # ceiling: 0 stays 0
+        store._cache_value_bytes = cache_value_bytes
         try:
             store._recover()
             store._publish_for_readers()
@@ -160,6 +172,7 @@ class KvStore:
               max_key_bytes: int, max_value_bytes: int) -> None:
         self.path = path
         self._fsync = fsync
+        self._fsync_always = fsync == "always"
         self._fsync_interval = fsync_interval
         self._compaction_threshold = compaction_threshold
         self._compaction_ratio = compaction_ratio
@@ -174,6 +187,12 @@ class KvStore:
             share_fresh(stripe)
         share_fresh(self._stripes)
         self._stripe_locks = [threading.Lock() for _ in range(stripes)]
+        # Value cache: per stripe, key -> (position, value). An entry counts only while its
+        # position object is the one in the index (see get); readers fill it lock-free.
+        self._caches: list[dict[str, tuple[int, str]]] = [{} for _ in range(stripes)]
+        for cache in self._caches:
+            share_fresh(cache)
+        share_fresh(self._caches)
         self._append_lock = threading.Lock()
         self._segments: dict[int, _Segment] = {}  # gen -> segment; under _append_lock
         self._by_fd: dict[int, _Segment] = {}     # fd -> segment; under _append_lock
@@ -316,6 +335,8 @@ class KvStore:
         reach the store."""
         self._max_key = fresh_shared_int(self._max_key)
         self._mask = fresh_shared_int(self._mask)
+        self._cache_per_stripe = fresh_shared_int(self._cache_per_stripe)
+        self._cache_value_bytes = fresh_shared_int(self._cache_value_bytes)
         share_fresh(self._readers)
         share_fresh(self)
 
@@ -335,12 +356,20 @@ class KvStore:
         """The value of ``key``, or ``None``. Takes no lock (see the module docstring)."""
         if type(key) is not str:
             key = _check_str(key, "key")
-        try:
-            kb = key.encode()
-        except UnicodeEncodeError:
-            kb = encode_text(key, "key", self._max_key)  # raises the proper KvsError
-        if len(kb) > self._max_key:
-            encode_text(key, "key", self._max_key)
+        if self._closed:
+            raise KvsError("the store is closed")
+        i = hash(key) & self._mask
+        pos = self._stripes[i].get(key)
+        if pos is None:
+            self._check_key(key)  # a key that cannot exist may still be a caller's error
+            return None
+        cache = self._caches[i]
+        hit = cache.get(key)
+        if hit is not None and hit[0] is pos:
+            # The cached value belongs to exactly the record the index points to now: the
+            # tuple holds that position object, so it cannot be a recycled identity.
+            return hit[1]
+        kb = key.encode()  # the key is in the index, so it is valid UTF-8 within limits
         try:
             slot = self._reader_local.slot
         except AttributeError:
@@ -348,9 +377,9 @@ class KvStore:
         state = slot[0] + 1  # odd: inside a read (readers.py)
         slot[0] = state
         try:
-            if self._closed:
-                raise KvsError("the store is closed")
-            pos = self._stripes[hash(key) & self._mask].get(key)
+            # Look again after announcing the read: only a position loaded inside the
+            # announced section is protected from its segment being closed (readers.py).
+            pos = self._stripes[i].get(key)
             if pos is None:
                 return None
             length = pos & _LEN_MASK
@@ -364,15 +393,54 @@ class KvStore:
                 or klen != len(kb) or not data.startswith(kb, _HEADER_SIZE)):
             raise KvsError(f"data corruption in {self.path}: the record of key {key!r} fails its checks")
         start = _HEADER_SIZE + klen
-        return data[start:start + vlen].decode()
+        value = data[start:start + vlen].decode()
+        if vlen <= self._cache_value_bytes:
+            self._cache_put(cache, kb, pos, value)
+        return value
+
+    def _cache_put(self, cache: dict[str, tuple[int, str]], kb: bytes, pos: int, value: str) -> None:
+        """Remember ``value`` as the value of the record at ``pos``. Lock-free: concurrent
+        puts and evictions may race; any entry is only ever used when its position is the
+        one the index holds, so a lost or stale entry costs a re-read, never a wrong value.
+        The key, the value and the tuple are new objects of this thread, marked shareable
+        before the dict store publishes them."""
+        if len(cache) >= self._cache_per_stripe:
+            if self._cache_per_stripe == 0:
+                return
+            try:
+                del cache[next(iter(cache))]  # the oldest entry (dicts keep insertion order)
+            except (StopIteration, RuntimeError, KeyError):
+                pass  # raced with another eviction or insertion: fine
+        key = kb.decode()
+        share_fresh_str(key)
+        share_fresh_str(value)
+        entry = (pos, value)
+        share_fresh(entry)
+        cache[key] = entry
+
+    def _check_key(self, key: str) -> None:
+        try:
+            n = len(key.encode())
+        except UnicodeEncodeError:
+            n = -1
+        if n < 0 or n > self._max_key:
+            encode_text(key, "key", self._max_key)  # raises the proper KvsError
 
     def set(self, key: str, value: str) -> None:
         """Store ``value`` under ``key``. Returns once the write is acknowledged (``fsync``)."""
-        if type(key) is not str:
-            key = _check_str(key, "key")
-        kb = encode_text(key, "key", self._max_key)
-        vb = encode_text(value, "value", self._max_value)
-        rec = record.encode_set(kb, vb)
+        if type(key) is not str or type(value) is not str:
+            key, value = _check_str(key, "key"), _check_str(value, "value")
+        try:
+            kb = key.encode()
+            vb = value.encode()
+        except UnicodeEncodeError:
+            kb, vb = b"", b""
+        klen, vlen = len(kb), len(vb)
+        if klen > self._max_key or vlen > self._max_value or not kb and key or not vb and value:
+            encode_text(key, "key", self._max_key)  # raises the precise KvsError
+            encode_text(value, "value", self._max_value)
+        body = _HEADER_PACK(_OP_SET, klen, vlen) + kb + vb  # encoded and checksummed before any lock
+        rec = body + _CRC_PACK(_crc32(body))
         n = len(rec)
         i = hash(key) & self._mask
         stripe = self._stripes[i]
@@ -386,7 +454,10 @@ class KvStore:
                 stripe[stored_key] = pos
             else:
                 stripe[key] = pos  # the dict keeps its stored (shareable) key object
-        self._acknowledge(seg, pos)
+        if self._fsync_always:
+            self._group_commit(seg, ((pos >> _OFF_SHIFT) & _OFF_MASK) + n)
+        if not self._compaction_wanted.is_set():
+            self._maybe_want_compaction()
 
     def remove(self, key: str) -> None:
         """Delete ``key``; ``KeyNotFoundError`` when it is absent."""
@@ -477,28 +548,26 @@ class KvStore:
 
         The only critical section all writers share: offset, ``pwrite``, bookkeeping."""
         with self._append_lock:
-            if self._closed:
-                raise KvsError("the store is closed")
-            if self._failed is not None:
-                raise KvsError(self._failed)
+            if self._closed or self._failed is not None:
+                raise KvsError(self._failed or "the store is closed")
             seg = self._active
             offset = seg.size
             try:
-                written = os.pwrite(seg.fd, rec, offset)
+                written = _pwrite(seg.fd, rec, offset)
                 while written < n:  # a short write (e.g. disk nearly full): finish or fail
-                    more = os.pwrite(seg.fd, rec[written:], offset + written)
+                    more = _pwrite(seg.fd, rec[written:], offset + written)
                     if more <= 0:
                         raise OSError(28, "No space left on device")
                     written += more
             except OSError as exc:
                 self._undo_partial_write(seg, offset)
                 raise KvsError(f"cannot write to {seg.path}: {exc.strerror}") from None
-            seg.size = offset + n
+            seg.size = end = offset + n
             self._total_bytes += n
             self._live_bytes += live_delta
-            if seg.size >= self._max_segment:
+            if end >= self._max_segment:
                 self._roll_over()
-        return seg, _pack(seg.fd, offset, n)
+        return seg, (seg.fd << _FD_SHIFT) | (offset << _OFF_SHIFT) | n
 
     def _undo_partial_write(self, seg: _Segment, offset: int) -> None:
         """Cut a failed write's partial bytes, so that later records follow the last good one."""
@@ -521,7 +590,7 @@ class KvStore:
 
     def _acknowledge(self, seg: _Segment, pos: int) -> None:
         """Return when the write ending at ``pos`` is as durable as the policy promises."""
-        if self._fsync == "always":
+        if self._fsync_always:
             self._group_commit(seg, ((pos >> _OFF_SHIFT) & _OFF_MASK) + (pos & _LEN_MASK))
         if not self._compaction_wanted.is_set():
             self._maybe_want_compaction()
