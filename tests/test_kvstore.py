@@ -1018,3 +1018,76 @@ def test_reopening_with_smaller_limits_keeps_existing_records(tmp_path: Path) ->
             store.set("new", big)
     with KvStore.open(tmp_path, background_compaction=False, **small) as store:
         assert store.get("big-sealed") == big and store.get("big-newest") == big
+
+
+# ----------------------------------------------------------------------------- value cache
+def test_cached_values_never_outlive_their_record(stores: Callable[..., KvStore], tmp_path: Path) -> None:
+    store = stores(tmp_path, background_compaction=False)
+    store.set("k", "one")
+    assert store.get("k") == "one"  # now cached
+    assert store.get("k") == "one"  # served from the cache
+    store.set("k", "two")
+    assert store.get("k") == "two"
+    store.remove("k")
+    assert store.get("k") is None
+    store.set("k", "three")
+    assert store.get("k") == "three"
+    store.compact()  # moves the record: the cached entry's position is stale
+    assert store.get("k") == "three"
+    store.set("k", "four")
+    assert store.get("k") == "four"
+
+
+def test_cache_can_be_disabled_and_is_bounded(stores: Callable[..., KvStore], tmp_path: Path) -> None:
+    off = stores(tmp_path / "off", cache_entries=0)
+    off.set("k", "v")
+    assert off.get("k") == "v" and off.get("k") == "v"
+    assert all(not c for c in off._caches)
+    small = stores(tmp_path / "small", cache_entries=256, stripes=16)
+    for i in range(2000):
+        small.set(f"key{i}", f"value{i}")
+    for i in range(2000):
+        assert small.get(f"key{i}") == f"value{i}"
+    assert sum(len(c) for c in small._caches) <= 256 + 16
+    big = stores(tmp_path / "big", cache_value_bytes=10)
+    big.set("k", "x" * 11)
+    assert big.get("k") == "x" * 11 and not any(big._caches)
+
+
+def test_cache_under_concurrent_overwrites_is_never_stale(stores: Callable[..., KvStore], tmp_path: Path) -> None:
+    """Readers hit the cache while a writer overwrites: a read never returns a version older
+    than one acknowledged before it started."""
+    store = stores(tmp_path, cache_entries=64, stripes=4)
+    keys = [f"k{i}" for i in range(16)]
+    acked = {k: 0 for k in keys}
+    for k in keys:
+        store.set(k, make_value(k, 0))
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def writer() -> None:
+        version = 0
+        while not stop.is_set() and version < 3000:
+            version += 1
+            for k in keys:
+                store.set(k, make_value(k, version))
+                acked[k] = version
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        while not stop.is_set():
+            k = rng.choice(keys)
+            floor = acked[k]
+            got = parse_value(k, store.get(k))
+            if got < floor:
+                errors.append(f"{k}: read version {got} after version {floor} was acknowledged")
+                stop.set()
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    threads[0].join(timeout=60)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors[:3]
