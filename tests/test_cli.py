@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -280,15 +280,24 @@ def test_unwritable_data_directory_is_one_line(tmp_path: Path) -> None:
     assert_one_error_line(proc, str(a_file), "not a directory")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def _make_unwritable(directory: Path) -> Callable[[], None]:
+    """Make ``directory`` unwritable even for root (the immutable attribute) when we are
+    root, else by its mode; returns the undo."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(directory)], check=True)
+        return lambda: subprocess.run(["chattr", "-i", str(directory)], check=True)
+    directory.chmod(0o555)
+    return lambda: directory.chmod(0o755)
+
+
 def test_read_only_data_directory_is_one_line(tmp_path: Path) -> None:
     ro = tmp_path / "ro"
     ro.mkdir()
-    ro.chmod(0o555)
+    undo = _make_unwritable(ro)
     try:
         proc = run(KVS_SERVER, "--addr", "127.0.0.1:0", "--data-dir", str(ro))
     finally:
-        ro.chmod(0o755)
+        undo()
     assert_one_error_line(proc, str(ro))
 
 
