@@ -53,7 +53,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import Progress, latency_stats, no_progress, record, repeat, throughput_stats
+from bench.common import SMOKE, Progress, latency_stats, no_progress, record, repeat, throughput_stats
 from kvs.engine import segments
 from kvs.engine.kvstore import KvStore
 
@@ -485,6 +485,8 @@ def run(quick: bool, progress: Progress = no_progress, only: Sequence[str] | Non
     n = 10_000 if quick else 100_000
     big = 100_000 if quick else 1_000_000
     reps = 3
+    if SMOKE:
+        n, big, reps = 300, 2_000, 1
     steps: list[tuple[str, Callable[[], list[dict]]]] = []
     work = Workdir()
     big_path: list[str] = []
