@@ -838,10 +838,8 @@ def test_fsync_always_with_concurrent_writers(stores: Callable[..., KvStore], tm
             key = f"w{w}-{i}"
             store.set(key, f"value {w} {i}")
             # Acknowledged => fsynced: the record ends at or below its segment's durable mark.
-            pos = store._stripes[hash(key) & store._mask][key]
-            seg = store._by_fd[pos >> 70]
-            end = ((pos >> 30) & ((1 << 40) - 1)) + (pos & ((1 << 30) - 1))
-            assert seg.durable >= end
+            fd, offset, length = kvstore_module._unpack(store._stripes[hash(key) & store._mask][key])
+            assert store._by_fd[fd].durable >= offset + length
         store.remove(f"w{w}-0")
 
     run_threads([lambda w=w: writer(w) for w in range(8)])
@@ -1091,3 +1089,12 @@ def test_cache_under_concurrent_overwrites_is_never_stale(stores: Callable[..., 
     for t in threads:
         t.join(timeout=60)
     assert not errors, errors[:3]
+
+
+def test_positions_round_trip_in_both_forms() -> None:
+    for fd, offset, length in [(3, 0, 13), (4095, (1 << 32) - 1, 65535), (4096, 0, 13), (5, 1 << 32, 13),
+                               (5, 7, 65536), (70000, (1 << 40) - 1, (1 << 30) - 1)]:
+        pos = kvstore_module._pack(fd, offset, length)
+        assert kvstore_module._unpack(pos) == (fd, offset, length)
+        assert kvstore_module._length(pos) == length
+        assert (pos < 1 << 60) == (fd < 4096 and offset < 1 << 32 and length < 1 << 16)
