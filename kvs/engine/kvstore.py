@@ -504,6 +504,11 @@ class KvStore:
             del stripe[key]
         self._acknowledge(seg, pos)
 
+    @property
+    def fsync(self) -> str:
+        """The durability policy this store was opened with."""
+        return self._fsync
+
     def __len__(self) -> int:
         """The number of keys (a snapshot when writers are active)."""
         self._check_open()

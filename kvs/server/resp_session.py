@@ -243,7 +243,7 @@ def _text(raw: bytes, what: str) -> str:
 
 
 def _fsync_policy(server: KvsServer) -> str:
-    return getattr(server.engine, "_fsync", "never")
+    return getattr(server.engine, "fsync", "never")
 
 
 from kvs.freethreading import share_module_globals  # noqa: E402  (last: marks this module's globals)
