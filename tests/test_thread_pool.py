@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -322,10 +323,10 @@ def test_describe_job_names_functions_methods_and_partials() -> None:
     assert describe_job(functools.partial(local_job)).endswith("local_job")
     assert describe_job(Countdown(1).done).endswith("Countdown.done")
 
-    class Callable_:
+    class JobObject:
         def __call__(self) -> None: ...
 
-    assert describe_job(Callable_()).endswith("Callable_")
+    assert describe_job(JobObject()).endswith("JobObject")
 
 
 # -- shutdown -------------------------------------------------------------------------------------
@@ -666,8 +667,6 @@ def test_random_interleavings_of_nested_spawns_producers_and_shutdown(name: str)
     producers pausing at random, and a shutdown (waiting or not) at a random moment while
     all that runs. Invariants: every spawn that returned normally ran its job exactly once,
     every refused one never ran, and no thread is left. The seed is in the failure message."""
-    import random
-
     rounds = 10 if name == "naive" else 50
     for round_ in range(rounds):
         seed = random.randrange(2**32)

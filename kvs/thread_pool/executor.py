@@ -21,6 +21,10 @@ and exit by themselves (each exiting worker passes the wake-up on to the next), 
 interface's ``wait=False``. Called from one of its own workers with ``wait=True`` it would
 join the calling thread and raise; per the interface the adapter then passes ``wait=False``.
 Its threads are not daemon threads: ``concurrent.futures`` joins them at interpreter exit.
+Failure summaries (``failures``) are flushed by ``shutdown``; after ``shutdown(wait=False)``,
+failures that the rate limit only counted are summarized only if a later failure opens a new
+window: the executor's threads give the adapter no hook at their exit (the other pools flush
+as their last thread exits).
 """
 
 from __future__ import annotations

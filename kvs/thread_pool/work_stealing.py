@@ -101,9 +101,10 @@ exits when it finds no job and sees ``_terminated``. Why no accepted job is lost
   either found by that scan (no termination then) or was taken before by a worker that will
   run it. A job in hand is run before its worker looks for the next one.
 
-So nothing accepted is left when the workers exit. Nobody exits while any worker still runs
-a job, so a job that spawns children and waits for them during shutdown still has thieves to
-run them. ``wait=False`` needs nothing more: the workers terminate by themselves.
+So nothing accepted is left when the workers exit. And no worker exits while a job that can
+still spawn successfully is running (its worker is not idle, so there is no quiescence): a
+job that spawns children and waits for them during shutdown keeps the idle workers as
+thieves. ``wait=False`` needs nothing more: the workers terminate by themselves.
 ``shutdown`` called from inside a job sets the flags and wakes the workers but never joins
 (the caller's worker is busy: quiescence cannot come before the caller's job returns).
 """
