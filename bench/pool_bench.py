@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.common import (
+    SMOKE,
     Progress,
     latency_stats,
     no_progress,
@@ -83,6 +84,11 @@ FULL = Sizes(
     trivial_jobs=100_000, work_jobs=10_000, latency_samples=1_000, nested_roots=300,
     naive_trivial_jobs=500, naive_work_jobs=500, naive_nested_roots=6, naive_latency_samples=250,
     reps=3, reps_cheap=5,
+)  # fmt: skip
+SMOKE_SIZES = Sizes(
+    trivial_jobs=200, work_jobs=20, latency_samples=10, nested_roots=2,
+    naive_trivial_jobs=20, naive_work_jobs=10, naive_nested_roots=1, naive_latency_samples=5,
+    reps=1, reps_cheap=1, warmup=0,
 )  # fmt: skip
 QUICK = Sizes(
     trivial_jobs=5_000, work_jobs=600, latency_samples=150, nested_roots=30,
@@ -264,7 +270,7 @@ def _interleaved(
 
 def run(quick: bool, progress: Progress = no_progress) -> list[dict]:
     """Every benchmark for every pool, thread count and producer count; one record each."""
-    sizes = QUICK if quick else FULL
+    sizes = SMOKE_SIZES if SMOKE else QUICK if quick else FULL
     names = list(POOLS)
     steps = 4 * len(THREAD_COUNTS) * len(PRODUCER_COUNTS) + 1
     step = itertools.count()

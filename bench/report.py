@@ -57,13 +57,15 @@ def gil_table(records: list[dict]) -> Table | None:
     if not pairs:
         return None
     table = Table(title="free threading vs the GIL (same binary, PYTHON_GIL=0 vs 1)")
-    for col in ["suite", "benchmark", "engine", "pool", "threads", "GIL off ops/s", "GIL on ops/s", "off/on"]:
+    extras = [k for k in _SHOWN_EXTRAS if any(k in off for off, _ in pairs)]
+    for col in ["suite", "benchmark", "engine", "pool", "threads", *extras, "GIL off ops/s", "GIL on ops/s", "off/on"]:
         table.add_column(col, justify="left" if col in ("suite", "benchmark", "engine", "pool") else "right")
     for off, on in pairs:
         ratio = off["ops_per_sec"] / on["ops_per_sec"]
         style = "green" if ratio >= 1.1 else ("red" if ratio < 0.9 else "")
         table.add_row(off["suite"], off["benchmark"], _fmt(off.get("engine")), _fmt(off.get("pool")),
-                      _fmt(off.get("threads")), _fmt(off["ops_per_sec"]), _fmt(on["ops_per_sec"]),
+                      _fmt(off.get("threads")), *[_fmt(off.get(k)) for k in extras],
+                      _fmt(off["ops_per_sec"]), _fmt(on["ops_per_sec"]),
                       f"[{style}]{ratio:.2f}x[/{style}]" if style else f"{ratio:.2f}x")
     return table
 
