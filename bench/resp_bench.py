@@ -135,7 +135,7 @@ def run(quick: bool, progress: Progress = no_progress, kvs_threads: int | None =
     try:
         for i, (label, clients, pipeline, test) in enumerate(steps):
             progress(i, len(steps), f"redis-benchmark -t {test} ({label})")
-            requests = (5000 if clients == 1 else 20000 if pipeline == 1 else 100000) * (1 if quick else 4)
+            requests = (5000 if clients == 1 else 20000 if pipeline == 1 else 100000) * (1 if quick else 2)
             if SMOKE:
                 requests = 200 * pipeline
             results: dict[str, list[dict]] = {"redis": [], "kvs": []}
