@@ -91,25 +91,38 @@ def repeat(fn: Callable[[], float], reps: int, warmup: int = 1) -> list[float]:
 
 def run_threads_timed(workers: Sequence[Callable[[], None]]) -> float:
     """Start one thread per worker, release them together from a barrier, and return the
-    wall time from the first worker's start to the last one's end (each thread reads the
-    clock itself: the releasing thread may be descheduled). Thread start-up is not timed.
-    A worker's exception is re-raised here (benchmarks assert correctness)."""
-    n = len(workers)
+    wall time from the first worker's start to the last one's end. Thread start-up is not
+    timed. A worker's exception is re-raised here (benchmarks assert correctness)."""
+    return run_prepared_threads_timed([lambda w=w: w for w in workers])
+
+
+def run_prepared_threads_timed(preps: Sequence[Callable[[], Callable[[], None]]]) -> float:
+    """Like :func:`run_threads_timed`, but each thread first runs its ``prep`` (not timed:
+    build keys, open connections), which returns the timed work. All threads are released
+    together from a barrier once every prep is done; each thread reads the clock itself, so
+    a late wake-up of the calling thread cannot shorten the measurement."""
+    n = len(preps)
     barrier = threading.Barrier(n)
     errors: list[BaseException] = []
     started = [0.0] * n
     done = [0.0] * n
 
-    def body(i: int, work: Callable[[], None]) -> None:
-        barrier.wait()
-        started[i] = time.perf_counter()
+    def body(i: int, prep: Callable[[], Callable[[], None]]) -> None:
+        work: Callable[[], None] | None = None
         try:
-            work()
+            work = prep()
         except BaseException as exc:  # collected and re-raised in the caller
             errors.append(exc)
+        barrier.wait()
+        started[i] = time.perf_counter()
+        if work is not None:
+            try:
+                work()
+            except BaseException as exc:
+                errors.append(exc)
         done[i] = time.perf_counter()
 
-    threads = [threading.Thread(target=body, args=(i, w), daemon=True) for i, w in enumerate(workers)]
+    threads = [threading.Thread(target=body, args=(i, p), daemon=True) for i, p in enumerate(preps)]
     for t in threads:
         t.start()
     for t in threads:

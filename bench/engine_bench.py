@@ -53,7 +53,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import SMOKE, Progress, gil_enabled, latency_stats, no_progress, record, repeat, throughput_stats
+from bench.common import SMOKE, Progress, gil_enabled, run_prepared_threads_timed, latency_stats, no_progress, record, repeat, throughput_stats
 from kvs.engine import segments
 from kvs.engine.kvstore import KvStore
 
@@ -186,43 +186,6 @@ def remove_dir(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def run_prepared_threads(preps: Sequence[Callable[[], Callable[[], None]]]) -> float:
-    """Like ``bench.common.run_threads_timed``, but each thread first runs its ``prep`` (not
-    timed: build keys, open connections) which returns the timed work. All threads are
-    released together from a barrier once every prep is done; returns the wall time from
-    the first thread's start to the last one's end (each thread reads the clock itself, so a
-    late wake-up of the calling thread cannot shorten it), re-raising any worker's exception."""
-    n = len(preps)
-    barrier = threading.Barrier(n)
-    errors: list[BaseException] = []
-    started = [0.0] * n
-    done = [0.0] * n
-
-    def body(i: int, prep: Callable[[], Callable[[], None]]) -> None:
-        work: Callable[[], None] | None = None
-        try:
-            work = prep()
-        except BaseException as exc:
-            errors.append(exc)
-        barrier.wait()
-        started[i] = time.perf_counter()
-        if work is not None:
-            try:
-                work()
-            except BaseException as exc:
-                errors.append(exc)
-        done[i] = time.perf_counter()
-
-    threads = [threading.Thread(target=body, args=(i, p), daemon=True) for i, p in enumerate(preps)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return max(done) - min(started)
-
-
 class LiveWriters:
     """Two "pool" threads that write keys ``0..n-1`` (half each) and then stay alive until
     :meth:`release`, so that what they created stays owned by live threads."""
@@ -331,7 +294,7 @@ def bench_get_threads(work: Workdir, engine_name: str, n: int, reps: int) -> lis
 
                 return work
 
-            seconds = repeat(lambda threads=threads: run_prepared_threads(
+            seconds = repeat(lambda threads=threads: run_prepared_threads_timed(
                 [lambda t=t: prep(t) for t in range(threads)]), reps)
             ops = (n // threads) * threads
             out.append(record(SUITE, "get_threads", engine=engine_name, threads=threads, keys=n,

@@ -33,7 +33,7 @@ from enum import IntEnum
 from typing import NamedTuple
 
 from kvs.errors import KvsError
-from kvs.limits import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES
+from kvs.limits import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES, encode_text
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -433,17 +433,7 @@ class RequestDecoder(_Decoder):
 # Requests: encoding
 
 
-def _utf8(text: object, what: str, limit: int) -> bytes:
-    if type(text) is not str:
-        if not isinstance(text, str):
-            raise TypeError(f"{what} must be str, not {type(text).__name__}")
-    try:
-        data = text.encode()
-    except UnicodeEncodeError as exc:
-        raise KvsError(f"{what} is not valid Unicode text (cannot be encoded as UTF-8: {exc.reason})") from None
-    if len(data) > limit:
-        raise KvsError(f"{what} is {len(data)} bytes, over the limit of {limit} bytes")
-    return data
+_utf8 = encode_text  # the same check as the engines'
 
 
 _PING_FRAME = _pack_req(_REQ_MV, _PING_OF, 0, 0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from kvs.errors import KvsError
+from kvs.limits import encode_text  # noqa: F401  (re-exported: the engines' argument check)
 
 
 @runtime_checkable
@@ -31,19 +31,3 @@ class KvsEngine(Protocol):
     def close(self) -> None:
         """Flush and release everything; idempotent. Later calls raise ``KvsError``."""
         ...
-
-
-def encode_text(text: str, what: str, limit: int) -> bytes:
-    """``text`` as UTF-8 bytes, checked: ``TypeError`` for a non-str, ``KvsError`` for a
-    string with lone surrogates or longer than ``limit`` bytes. ``what`` names it ("key")."""
-    if type(text) is not str:
-        if not isinstance(text, str):
-            raise TypeError(f"{what} must be str, not {type(text).__name__}")
-        text = str(text)
-    try:
-        data = text.encode()
-    except UnicodeEncodeError as exc:
-        raise KvsError(f"{what} is not valid Unicode text (cannot be encoded as UTF-8: {exc.reason})") from None
-    if len(data) > limit:
-        raise KvsError(f"{what} is {len(data)} bytes, over the limit of {limit} bytes")
-    return data
