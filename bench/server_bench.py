@@ -160,7 +160,7 @@ def measure(pool_name: str, engine_name: str, threads: int, reps: int) -> list[d
 
 
 def run(quick: bool, progress: Progress = no_progress) -> list[dict]:
-    reps = 1 if SMOKE else 5 if quick else 20
+    reps = 1 if SMOKE else 5 if quick else 10
     counts = [1] if SMOKE else [1, 2] if quick else thread_counts()
     steps = [(p, e, t) for p, e in CONFIGURATIONS for t in counts]
     records: list[dict] = []
