@@ -203,27 +203,24 @@ def max_request_frame_bytes(max_key_bytes: int = DEFAULT_MAX_KEY_BYTES, max_valu
 # Requests: boundaries and decoding
 
 
+def _bad_magic_or_version(buf, pos: int, avail: int, magic: int, what: str, hint: str) -> str | None:
+    """The message of a fatal error in the first two header bytes present at ``pos``, or None."""
+    if avail <= 0:
+        return None
+    if buf[pos] != magic:
+        return (f"bad magic byte 0x{buf[pos]:02x} at the start of {what} (expected 0x{magic:02x}): {hint}")
+    if avail >= 2 and buf[pos + 1] != PROTOCOL_VERSION:
+        return f"unsupported protocol version {buf[pos + 1]} (this side speaks version {PROTOCOL_VERSION})"
+    return None
+
+
 def _fatal_request_header(buf, pos: int, end: int, max_body: int, preceding: list, offset: int) -> ProtocolError | None:
     """The fatal error for the (possibly partial) request header at ``pos``, or None if the
     bytes present are acceptable so far. Called off the hot path only."""
     avail = end - pos
-    if avail <= 0:
-        return None
-    b0 = buf[pos]
-    if b0 != REQUEST_MAGIC:
-        return ProtocolError(
-            f"bad magic byte 0x{b0:02x} at the start of a frame (expected 0x{REQUEST_MAGIC:02x}): "
-            "not a kvs protocol frame",
-            fatal=True, preceding=preceding, offset=offset,
-        )
-    if avail < 2:
-        return None
-    b1 = buf[pos + 1]
-    if b1 != PROTOCOL_VERSION:
-        return ProtocolError(
-            f"unsupported protocol version {b1} (this side speaks version {PROTOCOL_VERSION})",
-            fatal=True, preceding=preceding, offset=offset,
-        )
+    bad = _bad_magic_or_version(buf, pos, avail, REQUEST_MAGIC, "a frame", "not a kvs protocol frame")
+    if bad is not None or avail < 2:
+        return None if bad is None else ProtocolError(bad, fatal=True, preceding=preceding, offset=offset)
     if avail < REQUEST_HEADER_SIZE:
         return None
     _, _, klen, vlen = _unpack_req(buf, pos)
@@ -570,23 +567,9 @@ def encode_response(status: Status | int, value: str | None = None) -> bytes:
 
 def _fatal_response_header(buf, pos: int, end: int, max_payload: int, preceding: list, offset: int) -> ProtocolError | None:
     avail = end - pos
-    if avail <= 0:
-        return None
-    b0 = buf[pos]
-    if b0 != RESPONSE_MAGIC:
-        return ProtocolError(
-            f"bad magic byte 0x{b0:02x} at the start of a response (expected 0x{RESPONSE_MAGIC:02x}): "
-            "not a kvs protocol server",
-            fatal=True, preceding=preceding, offset=offset,
-        )
-    if avail < 2:
-        return None
-    b1 = buf[pos + 1]
-    if b1 != PROTOCOL_VERSION:
-        return ProtocolError(
-            f"unsupported protocol version {b1} (this side speaks version {PROTOCOL_VERSION})",
-            fatal=True, preceding=preceding, offset=offset,
-        )
+    bad = _bad_magic_or_version(buf, pos, avail, RESPONSE_MAGIC, "a response", "not a kvs protocol server")
+    if bad is not None or avail < 2:
+        return None if bad is None else ProtocolError(bad, fatal=True, preceding=preceding, offset=offset)
     if avail < RESPONSE_HEADER_SIZE:
         return None
     _, _, plen = _unpack_resp(buf, pos)
