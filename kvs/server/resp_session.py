@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from kvs import __version__
 from kvs.errors import KeyNotFoundError, KvsError
 from kvs.freethreading import share_attributes
+from kvs.server.sessions import DecodingSession
 from kvs.resp import (
     EMPTY_ARRAY,
     NULL_BULK,
@@ -57,7 +58,7 @@ _COMMANDS = {  # name: arity as COMMAND reports it (negative: at least that many
 _RESP3_NULL = b"_\r\n"
 
 
-class RespSession:
+class RespSession(DecodingSession):
     """One RESP2 connection: bytes in, reply bytes out."""
 
     __slots__ = ("server", "engine", "peer", "decoder", "closing", "commands", "null", "__weakref__")
@@ -73,19 +74,8 @@ class RespSession:
         share_attributes(self.decoder)  # later batches may run on other pool threads
         share_attributes(self)
 
-    @property
-    def in_frame(self) -> bool:
-        return self.decoder.in_frame
-
-    def handle(self, data: bytes) -> bytes:
-        try:
-            commands = self.decoder.feed(data)
-        except RespProtocolError as exc:
-            log.warning("closing RESP connection from %s: %s", self.peer, exc)
-            out = self.execute(exc.preceding)
-            self.closing = True
-            return out + error(f"Protocol error: {exc}")
-        return self.execute(commands)
+    def fatal_reply(self, exc: RespProtocolError) -> bytes:
+        return error(f"Protocol error: {exc}")
 
     def execute(self, commands: list) -> bytes:
         out = []

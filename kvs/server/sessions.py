@@ -53,7 +53,39 @@ class Session(Protocol):
         ...
 
 
-class KvsSession:
+class DecodingSession:
+    """What every session shares: feed the connection's decoder, execute what it completed;
+    on a fatal protocol error, answer the requests before it, then the error, and close.
+    Subclasses set ``decoder``, ``peer`` and ``closing`` and define ``execute`` and
+    ``fatal_reply``."""
+
+    __slots__ = ()
+    decoder: RequestDecoder
+    peer: str
+    closing: bool
+
+    @property
+    def in_frame(self) -> bool:
+        return self.decoder.in_frame
+
+    def handle(self, data: bytes) -> bytes:
+        try:
+            items = self.decoder.feed(data)
+        except ProtocolError as exc:  # fatal: the stream cannot be framed any more
+            log.warning("closing connection from %s: %s", self.peer, exc)
+            out = self.execute(exc.preceding)
+            self.closing = True
+            return out + self.fatal_reply(exc)
+        return self.execute(items)
+
+    def execute(self, items: list) -> bytes:
+        raise NotImplementedError
+
+    def fatal_reply(self, exc: ProtocolError) -> bytes:
+        raise NotImplementedError
+
+
+class KvsSession(DecodingSession):
     """Our binary protocol on one connection."""
 
     __slots__ = ("engine", "peer", "decoder", "closing", "commands", "__weakref__")
@@ -67,18 +99,8 @@ class KvsSession:
         share_attributes(self.decoder)  # later batches may run on other pool threads
         share_attributes(self)
 
-    @property
-    def in_frame(self) -> bool:
-        return self.decoder.in_frame
-
-    def handle(self, data: bytes) -> bytes:
-        try:
-            items = self.decoder.feed(data)
-        except ProtocolError as exc:
-            log.warning("closing connection from %s: %s", self.peer, exc)
-            self.closing = True
-            return self.execute(exc.preceding) + encode_fatal(str(exc))
-        return self.execute(items)
+    def fatal_reply(self, exc: ProtocolError) -> bytes:
+        return encode_fatal(str(exc))
 
     def execute(self, items: list) -> bytes:
         """Run decoded requests in order; their encoded responses, concatenated."""
