@@ -14,7 +14,8 @@ from bench.report import gil_pairs  # noqa: E402
 
 
 def _config(r: dict) -> str:
-    return f"{r.get('pool')} + {r.get('engine')}"
+    io = r.get("io_model")
+    return f"{r.get('pool')} + {r.get('engine')}" + (f" ({io})" if io and io != "dispatch" else "")
 
 
 def server_threads(records: list[dict], out: Path) -> Path | None:

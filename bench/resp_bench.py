@@ -2,7 +2,7 @@
 
 Redis (``redis-server`` from Debian) runs with the append-only file on and
 ``appendfsync everysec``; kvs-server runs the kvs engine with ``--fsync interval`` (an fsync
-every second: the same promise). Both start on free loopback ports in temporary directories
+every second: the same promise) in its default I/O model (leader-followers). Both start on free loopback ports in temporary directories
 and are stopped afterwards. For each command line (SET and GET with 1 connection, 50
 connections, and 50 connections pipelined 16 deep) the two servers are measured
 alternately, several rounds, and the median of each is kept: both see the same machine state.
@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from bench.common import SMOKE, Progress, no_progress, record
+from kvs.server.server import IO_MODELS
 
 SUITE = "resp"
 LINES = [  # (label, connections, pipeline)
@@ -148,6 +149,7 @@ def run(quick: bool, progress: Progress = no_progress, kvs_threads: int | None =
                 medians[server] = rps
                 records.append(record(
                     SUITE, f"{test}", engine=server, pool=kvs_pool if server == "kvs" else None,
+                    io_model=IO_MODELS[0] if server == "kvs" else None,
                     threads=threads if server == "kvs" else 1, ops_per_sec=rps,
                     p50_us=statistics.median(r["p50_ms"] for r in runs) * 1000,
                     p99_us=statistics.median(r["p99_ms"] for r in runs) * 1000,

@@ -3,8 +3,11 @@
 ``write_*``: each iteration sets the same 1000 unique, equal-length keys to the same value;
 ``read_*``: setup preloads those 1000 keys, each iteration gets all of them. Every response
 is asserted. Configurations: shared-queue, work-stealing and executor pools on the kvs
-engine, and the work-stealing pool on the sqlite engine. Thread counts: 1, 2, 4, then every
-even number up to twice the CPU count.
+engine, and the work-stealing pool on the sqlite engine, all in the server's ``dispatch`` I/O
+model (an I/O thread hands ready connections to the pool: the model in which the pools
+differ); and the server's default, ``leader-followers`` (the pool threads wait for ready
+connections themselves), with the shared-queue pool on the kvs engine. Thread counts: 1, 2,
+4, then every even number up to twice the CPU count.
 
 How the load is generated (and why): the server runs in this process (``serve_forever`` on
 its own thread, shut down programmatically after each configuration). The client side is a
@@ -35,11 +38,12 @@ SUITE = "server"
 KEYS = 1000
 CLIENT_CONNECTIONS = 16
 VALUE = "v" * 100
-CONFIGURATIONS = [  # (pool, engine): the course's six benchmarks plus the executor pool
-    ("shared-queue", "kvs"),
-    ("work-stealing", "kvs"),
-    ("executor", "kvs"),
-    ("work-stealing", "sqlite"),
+CONFIGURATIONS = [  # (pool, engine, I/O model): the course's six benchmarks, the executor pool,
+    ("shared-queue", "kvs", "dispatch"),  # and the server's default I/O model
+    ("work-stealing", "kvs", "dispatch"),
+    ("executor", "kvs", "dispatch"),
+    ("work-stealing", "sqlite", "dispatch"),
+    ("shared-queue", "kvs", "leader-followers"),
 ]
 
 
@@ -129,12 +133,12 @@ def read_work(client: KvsClient, keys: list[str]) -> None:
     assert results == [VALUE] * len(keys), "a GET returned a wrong value"
 
 
-def measure(pool_name: str, engine_name: str, threads: int, reps: int) -> list[dict]:
+def measure(pool_name: str, engine_name: str, io_model: str, threads: int, reps: int) -> list[dict]:
     """Both benchmarks for one configuration and thread count."""
     with tempfile.TemporaryDirectory(prefix="kvs-bench-") as data_dir:
         engine = open_engine(engine_name, data_dir)
         pool = make_pool(pool_name, threads)
-        server = KvsServer(engine, pool, ("127.0.0.1", 0))
+        server = KvsServer(engine, pool, ("127.0.0.1", 0), io_model=io_model)
         io_thread = threading.Thread(target=server.serve_forever, daemon=True)
         io_thread.start()
         clients = ClientSide(server.address)
@@ -146,7 +150,9 @@ def measure(pool_name: str, engine_name: str, threads: int, reps: int) -> list[d
                 seconds = repeat(lambda w=work: clients.run_iteration(w), reps, warmup=0 if SMOKE else 2)
                 stats = throughput_stats(KEYS, seconds)
                 name = f"{bench}_{pool_name.replace('-', '_')}_{engine_name}"
-                out.append(record(SUITE, name, engine=engine_name, pool=pool_name, threads=threads,
+                if io_model != "dispatch":
+                    name += "_" + io_model.replace("-", "_")
+                out.append(record(SUITE, name, engine=engine_name, pool=pool_name, io_model=io_model, threads=threads,
                                   ops_per_sec=stats["ops_per_sec"], ops_per_sec_p5=stats["ops_per_sec_p5"],
                                   ops_per_sec_p95=stats["ops_per_sec_p95"], reps=stats["reps"],
                                   workload=bench, client_connections=CLIENT_CONNECTIONS))
@@ -162,10 +168,10 @@ def measure(pool_name: str, engine_name: str, threads: int, reps: int) -> list[d
 def run(quick: bool, progress: Progress = no_progress) -> list[dict]:
     reps = 1 if SMOKE else 5 if quick else 10
     counts = [1] if SMOKE else [1, 2] if quick else thread_counts()
-    steps = [(p, e, t) for p, e in CONFIGURATIONS for t in counts]
+    steps = [(p, e, io, t) for p, e, io in CONFIGURATIONS for t in counts]
     records: list[dict] = []
-    for done, (pool_name, engine_name, threads) in enumerate(steps):
-        progress(done, len(steps), f"server {pool_name}+{engine_name} {threads} threads")
-        records += measure(pool_name, engine_name, threads, reps)
+    for done, (pool_name, engine_name, io_model, threads) in enumerate(steps):
+        progress(done, len(steps), f"server {pool_name}+{engine_name} ({io_model}) {threads} threads")
+        records += measure(pool_name, engine_name, io_model, threads, reps)
     progress(len(steps), len(steps), "server done")
     return records

@@ -6,6 +6,7 @@ started::
 
     python -m kvs.cli.server --addr 127.0.0.1:0 --data-dir TMP --engine E --pool shared-queue --threads N
 
+(the server's default I/O model, leader-followers)
 with this process's environment (so ``PYTHON_GIL`` passes through: ``python -m bench`` runs
 this suite once with the GIL off and once with it on, and the server runs in the same mode as
 the load generator). The bound port is read from the server's "listening on" log line; the
@@ -54,6 +55,7 @@ from bench.common import (
     throughput_stats,
 )
 from kvs.client import KvsClient
+from kvs.server.server import IO_MODELS
 
 SUITE = "load"
 ENGINES = ["kvs", "sqlite"]
@@ -240,7 +242,7 @@ def run(quick: bool, progress: Progress = no_progress) -> list[dict]:
                     progress(done, steps, f"{engine}: {op.upper()}, {label}")
                     stats = measure(server.address, op, connections, depth, requests[(connections, depth)], reps)
                     records.append(record(
-                        SUITE, f"{op} ({label})", engine=engine, pool=POOL, threads=threads,
+                        SUITE, f"{op} ({label})", engine=engine, pool=POOL, io_model=IO_MODELS[0], threads=threads,
                         workload=op, connections=connections, pipeline=depth,
                         latency="per request; a pipelined request's latency is its batch's round trip",
                         **stats,

@@ -70,17 +70,31 @@ if FREE_THREADED and not SHARING_ENABLED:
     log.warning("free-threaded CPython %s: object layout not recognized; cross-thread dict "
                 "lookups of kvs may take CPython's slow path", sys.version.split()[0])
 
+# The machine words of the address space as one ctypes array (nothing is allocated: it is a
+# view at address 0). ``_WORDS[(id(obj) + 16) >> 3]`` is ``obj``'s shared reference count
+# (objects are 8-byte aligned): one subscript instead of a new ctypes object per access,
+# which is what makes marking a million index entries at ``open`` cheap.
+_WORDS = (ctypes.c_int64 * (1 << 44)).from_address(0) if SHARING_ENABLED else None
+
 
 def share_fresh(obj: object) -> None:
     """Let other threads take references to ``obj`` lock-free (see the module docstring).
 
     ``obj`` must have been created by the calling thread, must not be reachable by any other
     thread yet, and must not be immortal (small ints, one-character latin-1 strings and
-    interned strings are: they need no flag). Costs about 0.3 us."""
-    if SHARING_ENABLED:
-        shared = _ssize_at(id(obj) + _OB_REF_SHARED)
-        if shared.value == 0:
-            shared.value = 1  # _Py_REF_MAYBE_WEAKREF
+    interned strings are: they need no flag). Costs about 0.15 us."""
+    if _WORDS is not None:
+        i = (id(obj) + _OB_REF_SHARED) >> 3
+        if _WORDS[i] == 0:
+            _WORDS[i] = 1  # _Py_REF_MAYBE_WEAKREF
+
+
+def shared_count_view() -> "ctypes.Array[ctypes.c_int64] | None":
+    """For a bulk loop over objects it has just created (``open`` building the index):
+    the word array, or None when sharing is disabled. The caller stores 1 at
+    ``[(id(obj) + 16) >> 3]`` for each new, non-immortal object, under the contract of
+    :func:`share_fresh` (a brand-new object's shared count is 0, so no check is needed)."""
+    return _WORDS
 
 
 def share_fresh_str(text: str) -> None:

@@ -26,6 +26,10 @@ from kvs.thread_pool.base import ThreadPool
 DEADLINE = 30.0
 """Seconds any single wait may take before the test fails (far above what it needs)."""
 
+IO_MODEL: str | None = None
+"""The server I/O model :func:`serving` uses when a test does not name one (None: the
+server's default). The ``io_model`` fixture of ``conftest.py`` sets it per test."""
+
 
 def wait_for(condition: Callable[[], object], timeout: float = DEADLINE, what: str = "condition") -> None:
     """Poll ``condition`` until it is true; fail the test after ``timeout`` seconds."""
@@ -59,6 +63,8 @@ def serving(engine: KvsEngine, pool: ThreadPool, **options: Any) -> Iterator[Kvs
     """A KvsServer on 127.0.0.1 (a free port) running ``serve_forever`` in a thread; shut
     down, joined and closed on exit. Fails the test if ``serve_forever`` raised or did not
     return."""
+    if IO_MODEL is not None:
+        options.setdefault("io_model", IO_MODEL)
     server = KvsServer(engine, pool, ("127.0.0.1", 0), **options)
     errors: list[BaseException] = []
 

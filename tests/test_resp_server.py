@@ -17,6 +17,7 @@ import redis
 from kvs import KvsClient, KvStore, KvsError
 from kvs.resp import RespReplyDecoder, command
 from kvs.server import KvsServer
+from kvs.server.server import IO_MODELS
 from kvs.thread_pool import SharedQueueThreadPool
 
 BIN = Path(sys.executable).parent
@@ -27,10 +28,10 @@ needs_redis_benchmark = pytest.mark.skipif(shutil.which("redis-benchmark") is No
 
 
 class RunningServer:
-    def __init__(self, tmp_path: Path, protocols: tuple[str, ...] = ("kvs", "resp")) -> None:
+    def __init__(self, tmp_path: Path, protocols: tuple[str, ...] = ("kvs", "resp"), io_model: str = IO_MODELS[0]) -> None:
         self.engine = KvStore.open(tmp_path / "data")
         self.pool = SharedQueueThreadPool(4)
-        self.server = KvsServer(self.engine, self.pool, ("127.0.0.1", 0), protocols=protocols)
+        self.server = KvsServer(self.engine, self.pool, ("127.0.0.1", 0), protocols=protocols, io_model=io_model)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
         self.host, self.port = self.server.address
@@ -42,9 +43,9 @@ class RunningServer:
         self.engine.close()
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RunningServer]:
-    s = RunningServer(tmp_path)
+@pytest.fixture(params=IO_MODELS)
+def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RunningServer]:
+    s = RunningServer(tmp_path, io_model=request.param)
     try:
         yield s
     finally:

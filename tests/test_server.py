@@ -41,6 +41,9 @@ from tests.netutil import (
 ALL_POOLS = list(POOLS)
 
 
+
+pytestmark = pytest.mark.usefixtures("io_model")  # every server test runs in both I/O models
+
 def run_threads(targets: list, timeout: float = 90.0) -> None:
     """Run each callable in its own thread; re-raise the first failure; fail if one hangs."""
     errors: list[BaseException] = []
@@ -420,9 +423,10 @@ def test_repeated_shutdown_under_pipelined_load_always_returns(tmp_path: Path, p
 
 
 def test_shutdown_from_a_pool_worker_thread_does_not_deadlock(tmp_path: Path) -> None:
-    """shutdown() may be called from any thread; the I/O loop ends and serve_forever returns."""
+    """shutdown() may be called from any thread; the I/O loop ends and serve_forever returns.
+    (dispatch: in leader-followers the pool runs no other job while the server runs.)"""
     with opened_engine("kvs", tmp_path / "d") as engine, started_pool("shared-queue", 2) as pool:
-        server = KvsServer(engine, pool, ("127.0.0.1", 0))
+        server = KvsServer(engine, pool, ("127.0.0.1", 0), io_model="dispatch")
         done = threading.Event()
 
         def run() -> None:
@@ -557,3 +561,43 @@ def test_stopped_reading_client_does_not_stop_the_others(tmp_path: Path) -> None
             s.close()
         server_answers(server.address, "x", "y")
         wait_for(lambda: server.connection_count() == 0, what="the abandoned connections to close")
+
+
+class _ShutdownOnGet:
+    """An engine that shuts the server down from inside a GET of ``"stop"``: on the pool
+    thread serving the request (in leader-followers, a thread the server waits for)."""
+
+    def __init__(self, engine: object) -> None:
+        self.engine = engine
+        self.server: KvsServer | None = None
+
+    def get(self, key: str) -> str | None:
+        if key == "stop" and self.server is not None:
+            self.server.shutdown(timeout=DEADLINE)
+            return "stopping"
+        return self.engine.get(key)  # type: ignore[attr-defined]
+
+    def set(self, key: str, value: str) -> None:
+        self.engine.set(key, value)  # type: ignore[attr-defined]
+
+    def remove(self, key: str) -> None:
+        self.engine.remove(key)  # type: ignore[attr-defined]
+
+
+def test_shutdown_from_inside_a_request_returns(tmp_path: Path, io_model: str) -> None:
+    with opened_engine("kvs", tmp_path / "d") as engine, started_pool("shared-queue", 2) as pool:
+        wrapper = _ShutdownOnGet(engine)
+        server = KvsServer(wrapper, pool, ("127.0.0.1", 0), io_model=io_model)  # type: ignore[arg-type]
+        wrapper.server = server
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (server.serve_forever(), done.set()), daemon=True)
+        t.start()
+        try:
+            with KvsClient(server.address, timeout=DEADLINE) as c:
+                c.set("a", "1")
+                assert c.get("stop") == "stopping"
+            assert done.wait(DEADLINE), "serve_forever did not return"
+        finally:
+            server.shutdown(timeout=DEADLINE)
+            t.join(DEADLINE)
+            server.close()

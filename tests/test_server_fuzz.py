@@ -102,6 +102,9 @@ class Model:
 KEYS = ["a", "key1", "ключ", "", "k" * 300, "emoji 🎉", "x\x00y"]
 
 
+
+pytestmark = pytest.mark.usefixtures("io_model")  # every server test runs in both I/O models
+
 def valid_frame(rng: random.Random) -> bytes:
     key = rng.choice(KEYS)
     r = rng.random()

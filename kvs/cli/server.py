@@ -24,7 +24,7 @@ from kvs.engine.kvstore import FSYNC_POLICIES
 from kvs.errors import KvsError
 from kvs.limits import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES
 from kvs.server import KvsServer
-from kvs.server.server import available_protocols
+from kvs.server.server import IO_MODELS, available_protocols
 from kvs.thread_pool import POOLS, make_pool
 
 log = logging.getLogger("kvs.server")
@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", choices=list(POOLS), default="shared-queue", help="thread pool (default shared-queue)")
     p.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
                    help="pool threads (default: CPU count)")
+    p.add_argument("--io", choices=IO_MODELS, default=IO_MODELS[0],
+                   help="leader-followers: the pool threads wait for ready connections themselves; "
+                        "dispatch: an I/O thread hands ready connections to the pool "
+                        f"(default {IO_MODELS[0]})")
     p.add_argument("--data-dir", type=Path, default=Path.cwd(), metavar="DIR",
                    help="data directory (default: the current directory)")
     p.add_argument("--fsync", choices=FSYNC_POLICIES, default="never",
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         pool = make_pool(args.pool, args.threads)
         server = KvsServer(engine, pool, args.addr, max_connections=args.max_connections,
                            max_key_bytes=args.max_key_bytes, max_value_bytes=args.max_value_bytes,
-                           frame_timeout=args.frame_timeout, protocols=args.protocols)
+                           frame_timeout=args.frame_timeout, protocols=args.protocols, io_model=args.io)
     except (KvsError, ValueError, OSError) as exc:
         print(f"kvs-server: error: {exc}", file=sys.stderr)
         if pool is not None:
@@ -126,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     host, port = server.address
-    log.info("kvs-server %s: engine %s, pool %s, %d threads, data directory %s, protocols %s",
-             __version__, name, args.pool, args.threads, args.data_dir.resolve(), ",".join(args.protocols))
+    log.info("kvs-server %s: engine %s, pool %s, %d threads, I/O model %s, data directory %s, protocols %s",
+             __version__, name, args.pool, args.threads, args.io, args.data_dir.resolve(), ",".join(args.protocols))
     log.info("listening on %s:%d", host, port)
     status = 0
     try:

@@ -14,6 +14,12 @@ class KvsEngine(Protocol):
     Every method may be called from any thread at any time. Keys and values are ``str``;
     a non-``str`` argument raises ``TypeError``; a string that cannot be encoded as UTF-8 or
     that exceeds the engine's size limits raises ``KvsError`` and nothing is written.
+
+    An engine may also offer ``set_many(items: Sequence[tuple[str, str]]) -> None``: ``set``
+    of each pair in order, sharing one write (``KvStore``: one append; ``SqliteKvsEngine``:
+    one transaction), every pair checked before anything is stored. The server uses it for
+    runs of pipelined SETs when the engine has it; it is not part of this protocol, so an
+    engine without it still is a ``KvsEngine``.
     """
 
     def set(self, key: str, value: str) -> None:

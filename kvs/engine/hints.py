@@ -14,6 +14,7 @@ replayed from its log instead; hints are an accelerator, never the only copy of 
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import zlib
@@ -53,17 +54,33 @@ def read_hint_file(path: str, segment_size: int) -> Iterator[tuple[bytes, int, i
     Raises :class:`BadHintFile` when the magic, the checksum, the entry count or any entry's
     bounds (against ``segment_size``, the size of the segment's log) are wrong. Every check
     runs before this returns, so a caller never sees a part of a bad file; the entries are
-    then decoded lazily (no list of every entry: opening a store with millions of keys would
-    otherwise allocate, and keep resident, far more than the index itself)."""
+    then decoded lazily from a read-only memory map of the file, unmapped when the iterator
+    ends or is closed. Neither a list of every entry nor a heap copy of the file is made:
+    opening a store with millions of keys would otherwise keep resident, after the open,
+    memory on the order of the index itself."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            size = os.fstat(f.fileno()).st_size
+            if size < len(MAGIC) + TRAILER.size:
+                raise BadHintFile("bad magic or too short")
+            data = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
     except OSError as exc:
         raise BadHintFile(f"cannot read: {exc.strerror}") from None
-    if len(data) < len(MAGIC) + TRAILER.size or not data.startswith(MAGIC):
+    try:
+        _check(data, segment_size)
+    except BaseException:
+        data.close()
+        raise
+    return _entries(data, len(data) - TRAILER.size)
+
+
+def _check(data: mmap.mmap, segment_size: int) -> None:
+    if data[:len(MAGIC)] != MAGIC:
         raise BadHintFile("bad magic or too short")
     body_end = len(data) - 4
-    if zlib.crc32(memoryview(data)[:body_end]) != int.from_bytes(data[body_end:], "little"):
+    with memoryview(data) as whole, whole[:body_end] as body:
+        crc = zlib.crc32(body)
+    if crc != int.from_bytes(data[body_end:], "little"):
         raise BadHintFile("checksum mismatch")
     count, _ = TRAILER.unpack_from(data, len(data) - TRAILER.size)
     end = len(data) - TRAILER.size
@@ -82,16 +99,19 @@ def read_hint_file(path: str, segment_size: int) -> Iterator[tuple[bytes, int, i
         found += 1
     if found != count:
         raise BadHintFile("entry count mismatch")
-    return _entries(data, end)
 
 
-def _entries(data: bytes, end: int) -> Iterator[tuple[bytes, int, int]]:
-    """The entries of a checked hint file body ``data[len(MAGIC):end]``."""
-    pos = len(MAGIC)
-    unpack = ENTRY.unpack_from
-    esize = ENTRY.size
-    while pos < end:
-        klen, offset, length = unpack(data, pos)
-        pos += esize
-        yield data[pos : pos + klen], offset, length
-        pos += klen
+def _entries(data: mmap.mmap, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """The entries of a checked hint file body ``data[len(MAGIC):end]``; unmaps ``data``
+    when done."""
+    try:
+        pos = len(MAGIC)
+        unpack = ENTRY.unpack_from
+        esize = ENTRY.size
+        while pos < end:
+            klen, offset, length = unpack(data, pos)
+            pos += esize
+            yield data[pos : pos + klen], offset, length
+            pos += klen
+    finally:
+        data.close()

@@ -89,7 +89,7 @@ import queue
 import sqlite3
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -357,8 +357,11 @@ class SqliteKvsEngine:
             cur = conn.cursor()
             cur.execute("BEGIN")
             cur.execute(_SQL_SET, (b"", b""))
+            cur.executemany(_SQL_SET, [(b"", b"")])
             cur.execute(_SQL_REMOVE, (b"",))
             cur.execute("ROLLBACK")
+            cur.execute("BEGIN")
+            cur.execute("COMMIT")
             if self.fsync == "interval":
                 cur.execute(_SQL_FLUSH).fetchall()
             if fresh:
@@ -459,6 +462,29 @@ class SqliteKvsEngine:
             except sqlite3.Error as exc:
                 raise self._error(exc, "set") from None
             self._writes += 1
+
+    def set_many(self, items: Sequence[tuple[str, str]]) -> None:
+        """``set`` of each ``(key, value)`` pair in order, in one transaction (one commit for
+        the batch). Every pair is checked first: a bad one raises and nothing is stored."""
+        if self._closed:
+            raise self._closed_error()
+        pairs = [(encode_text(key, "key", self._max_key_bytes), encode_text(value, "value", self._max_value_bytes))
+                 for key, value in items]
+        with self._wlock:
+            cur = self._wcur
+            if cur is None:
+                raise self._closed_error()
+            try:
+                cur.execute("BEGIN")
+                try:
+                    cur.executemany(_SQL_SET, pairs)
+                    cur.execute("COMMIT")
+                except BaseException:
+                    cur.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise self._error(exc, "set") from None
+            self._writes += len(pairs)
 
     def get(self, key: str) -> str | None:
         """The value stored under ``key``, or ``None``."""

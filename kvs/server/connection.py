@@ -3,9 +3,10 @@
 Ownership (the invariant everything else relies on): a connection is in exactly one state,
 changed only under ``lock``:
 
-- ``IDLE``: armed in the server's epoll set (``EPOLLONESHOT``), owned by nobody. Only the
-  I/O thread acts on it: it receives the one readiness event and makes it ``BUSY``, or it
-  closes it (half-sent frame timeout, shutdown).
+- ``IDLE``: armed in the server's epoll set (``EPOLLONESHOT``), owned by nobody. Whoever
+  receives its one readiness event makes it ``BUSY`` (the I/O thread in the ``dispatch``
+  I/O model, a pool thread in ``leader-followers``: :meth:`claim`); the I/O thread may
+  close it (half-sent frame timeout, shutdown: :meth:`close` with ``only_if_idle``).
 - ``BUSY``: owned by exactly one pool thread running :meth:`Connection.serve`. That thread
   alone reads, parses, executes and writes; then it re-arms the connection (``IDLE``) or
   closes it. ``EPOLLONESHOT`` guarantees no second event, hence no second worker, until the
@@ -42,6 +43,24 @@ IDLE, BUSY, CLOSED = 0, 1, 2
 RECV_SIZE = 256 * 1024
 MAX_BATCHES_PER_TURN = 16  # then re-arm, so one busy pipeline cannot starve the others
 _MSG_DONTWAIT = socket.MSG_DONTWAIT
+_SERVING = threading.local()  # .active: this thread is inside a dispatch-model serve job
+
+
+def serving_here() -> bool:
+    """True on a thread that is serving a connection in a ``dispatch`` pool job (a
+    ``shutdown`` there must not wait for the server to finish: it would wait for itself)."""
+    return getattr(_SERVING, "active", False)
+
+
+def serve_all(connections: list[Connection]) -> None:
+    """``dispatch`` pool job: serve ready connections in turn (each ``serve`` handles its
+    own errors)."""
+    _SERVING.active = True
+    try:
+        for conn in connections:
+            conn.serve()
+    finally:
+        _SERVING.active = False
 
 
 class Connection:
@@ -59,6 +78,15 @@ class Connection:
         self.state = IDLE
         self.partial_since = 0.0  # monotonic time a half-received frame started waiting
         share_attributes(self)  # read by pool threads while this (I/O) thread lives
+
+    def claim(self) -> bool:
+        """IDLE to BUSY for the thread that received this connection's readiness event;
+        False when the I/O thread closed it in the meantime."""
+        with self.lock:
+            if self.state != IDLE:
+                return False
+            self.state = BUSY
+            return True
 
     def serve(self) -> None:
         """Pool job: answer every complete request available now, then re-arm or close."""
@@ -118,18 +146,20 @@ class Connection:
                 continue
             view = view[sent:]
 
-    def close(self) -> None:
+    def close(self, only_if_idle: bool = False) -> bool:
         """Unregister and close the socket (from its owner, or from the I/O thread when
-        the connection is IDLE). Idempotent."""
+        the connection is IDLE: ``only_if_idle`` makes the check and the change one step, so
+        a pool thread cannot claim it in between). Idempotent; True if this call closed it."""
         with self.lock:
-            if self.state == CLOSED:
-                return
+            if self.state == CLOSED or (only_if_idle and self.state != IDLE):
+                return False
             self.state = CLOSED
         self.server._forget(self)
         try:
             self.sock.close()
         except OSError:
             pass
+        return True
 
 
 from kvs.freethreading import share_module_globals  # noqa: E402  (last: marks this module's globals)

@@ -81,13 +81,32 @@ class RespSession(DecodingSession):
         out = []
         append = out.append
         engine = self.engine
-        for args in commands:
+        count = len(commands)
+        i = 0
+        while i < count:
             if self.closing:  # after QUIT nothing more is executed
                 break
-            self.commands += 1
+            args = commands[i]
+            i += 1
             try:
                 name = args[0].lower()
                 argc = len(args)
+                if name == b"set" and argc == 3 and i < count and _is_plain_set(commands[i]):
+                    # A pipelined run of SETs: one engine write for all of them.
+                    end = i + 1
+                    while end < count and _is_plain_set(commands[end]):
+                        end += 1
+                    run = commands[i - 1:end]
+                    try:
+                        pairs = [(a[1].decode(), a[2].decode()) for a in run]
+                    except UnicodeDecodeError:
+                        pairs = None
+                    if pairs is not None and self.store_run(pairs):
+                        self.commands += len(run)
+                        out += [OK] * len(run)
+                        i = end
+                        continue
+                self.commands += 1
                 if name == b"get" and argc == 2:
                     value = engine.get(_text(args[1], "key"))
                     append(self.null if value is None else bulk(value.encode()))
@@ -211,6 +230,7 @@ class RespSession(DecodingSession):
             f"engine:{getattr(engine, 'name', type(engine).__name__)}",
             f"pool:{getattr(server.pool, 'name', type(server.pool).__name__)}",
             f"threads:{getattr(server.pool, 'threads', '')}",
+            f"io_model:{getattr(server, 'io_model', '')}",
             f"tcp_port:{server.address[1]}",
             f"uptime_in_seconds:{int(time.time() - server.started_at)}",
             f"connected_clients:{server.connection_count()}",
@@ -223,6 +243,10 @@ class RespSession(DecodingSession):
         if wanted and not wanted & {b"server", b"all", b"default", b"everything", b"keyspace"}:
             return b""
         return ("\r\n".join(lines) + "\r\n").encode()
+
+
+def _is_plain_set(args: list[bytes]) -> bool:
+    return len(args) == 3 and args[0].lower() == b"set"
 
 
 def _text(raw: bytes, what: str) -> str:

@@ -26,6 +26,7 @@ from kvs.protocol import (
     PONG_RESPONSE,
     Op,
     ProtocolError,
+    Request,
     RequestDecoder,
     encode_error,
     encode_fatal,
@@ -60,6 +61,7 @@ class DecodingSession:
     ``fatal_reply``."""
 
     __slots__ = ()
+    engine: KvsEngine
     decoder: RequestDecoder
     peer: str
     closing: bool
@@ -80,6 +82,20 @@ class DecodingSession:
 
     def execute(self, items: list) -> bytes:
         raise NotImplementedError
+
+    def store_run(self, pairs: list[tuple[str, str]]) -> bool:
+        """Store a run of consecutive pipelined SETs with the engine's ``set_many`` (one
+        write for the run). False, with nothing stored, when the engine has no ``set_many``
+        or refuses a pair: the caller then executes the run one command at a time, so each
+        command gets exactly the reply it would have got alone."""
+        set_many = getattr(self.engine, "set_many", None)
+        if set_many is None:
+            return False
+        try:
+            set_many(pairs)
+        except (KvsError, TypeError):
+            return False
+        return True
 
     def fatal_reply(self, exc: ProtocolError) -> bytes:
         raise NotImplementedError
@@ -108,7 +124,20 @@ class KvsSession(DecodingSession):
         out = []
         append = out.append
         self.commands += len(items)
-        for req in items:
+        count = len(items)
+        i = 0
+        while i < count:
+            req = items[i]
+            i += 1
+            if i < count and type(req) is Request and req[0] is _SET and type(items[i]) is Request and items[i][0] is _SET:
+                end = i + 1
+                while end < count and type(items[end]) is Request and items[end][0] is _SET:
+                    end += 1
+                run = items[i - 1:end]
+                if self.store_run([(r[1], r[2]) for r in run]):
+                    out += [OK_RESPONSE] * len(run)
+                    i = end
+                    continue
             if type(req) is ProtocolError:  # a malformed frame, skipped by the decoder
                 log.warning("malformed request from %s: %s", self.peer, req)
                 append(encode_error(str(req)))
