@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 SUITES = {  # name: module with run(quick, progress) -> list[dict]
@@ -90,18 +91,26 @@ def main(argv: list[str] | None = None) -> int:
     suites = ALL if args.suite == "all" else [args.suite]
     modes = ["off", "on"] if args.gil == "both" else [args.gil]
     records: list[dict] = []
+    before = metadata(quick=args.quick, suites=suites, gil_modes=modes)  # what ran before we did
+    seconds: dict[str, float] = {}
+    started = time.monotonic()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as bar:
         for suite in suites:
             for gil in modes:  # off and on interleaved per suite: both see the same machine state
                 task = bar.add_task(f"{suite} (GIL {gil})", total=1)
+                t0 = time.monotonic()
                 records += run_suite(suite, gil, args.quick, bar, task)
+                seconds[f"{suite} (GIL {gil})"] = round(time.monotonic() - t0, 1)
                 bar.update(task, completed=bar.tasks[task].total)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = [metadata(quick=args.quick, suites=suites, gil_modes=modes), *records]
+    before.update(seconds_per_suite=seconds, seconds_total=round(time.monotonic() - started, 1))
+    results = [before, *records]
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     report.print_tables(console, records)
     written = plots.draw_all(records, args.out)
+    console.print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+                  + f"; total {before['seconds_total']:.0f} s")
     console.print(f"results: {args.out / 'results.json'}")
     for path in written:
         console.print(f"plot: {path}")

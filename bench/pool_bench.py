@@ -83,7 +83,7 @@ class Sizes:
 FULL = Sizes(
     trivial_jobs=100_000, work_jobs=10_000, latency_samples=1_000, nested_roots=300,
     naive_trivial_jobs=500, naive_work_jobs=500, naive_nested_roots=6, naive_latency_samples=250,
-    reps=3, reps_cheap=5,
+    reps=2, reps_cheap=3,
 )  # fmt: skip
 SMOKE_SIZES = Sizes(
     trivial_jobs=200, work_jobs=20, latency_samples=10, nested_roots=2,
