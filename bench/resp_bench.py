@@ -129,7 +129,7 @@ def run(quick: bool, progress: Progress = no_progress, kvs_threads: int | None =
         kvs_pool: str = "shared-queue") -> list[dict]:
     ensure_redis_tools()
     threads = kvs_threads or (os.cpu_count() or 1)
-    rounds = 1 if quick else 2
+    rounds = 1 if quick else 3
     records: list[dict] = []
     servers = Servers(threads, kvs_pool)
     steps = [(label, c, p, test) for label, c, p in LINES for test in ("set", "get")]

@@ -156,7 +156,7 @@ class KvStore:
         *,
         fsync: FsyncPolicy = "never",
         fsync_interval: float = 1.0,
-        compaction_threshold: int = 4 * 1024 * 1024,
+        compaction_threshold: int = 64 * 1024 * 1024,
         compaction_ratio: float = 0.5,
         max_segment_bytes: int = 64 * 1024 * 1024,
         stripes: int = 256,
@@ -169,7 +169,8 @@ class KvStore:
         """Open (creating if needed) the store in directory ``path`` and replay its log.
 
         ``compaction_threshold``: stale bytes that start a background compaction, provided
-        they are also at least ``compaction_ratio`` of the log. ``stripes``: index stripes (a
+        they are also at least ``compaction_ratio`` of the log (defaults: 64 MiB and half,
+        like Redis's AOF rewrite policy; a compaction rewrites every live record). ``stripes``: index stripes (a
         power of two). ``background_compaction=False`` leaves compaction to :meth:`compact`.
         ``cache_entries``: how many decoded values of up to ``cache_value_bytes`` bytes ``get``
         keeps in memory (spread over the stripes, oldest evicted first; 0 disables it).
