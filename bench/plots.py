@@ -23,7 +23,7 @@ def server_threads(records: list[dict], out: Path) -> Path | None:
     recs = [r for r in records if r["suite"] == "server"]
     if not recs:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=False)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6.5), sharey=False)
     for ax, workload in zip(axes, ("write", "read")):
         lines: dict[tuple[str, bool], list[tuple[int, float]]] = defaultdict(list)
         for r in recs:
@@ -41,9 +41,11 @@ def server_threads(records: list[dict], out: Path) -> Path | None:
         ax.set_xticks(sorted({r["threads"] for r in recs}))
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    # One legend for both panels, below them: inside, it hid the lines.
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle("kvs server throughput vs pool threads (solid: GIL off, dashed: GIL on)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 + 0.028 * ((len(labels) + 1) // 2), 1, 1))
     path = out / "server_threads.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -71,8 +73,9 @@ def server_configs(records: list[dict], out: Path) -> Path | None:
         ax.set_ylabel("throughput (thousand requests/s)")
         ax.set_title(f"{workload} (GIL off)")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     path = out / "server_configs.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
