@@ -369,12 +369,7 @@ class KvStore:
     def _index_put(self, key_bytes: bytes, pos: int) -> None:
         key = key_bytes.decode()
         stripe = self._stripes[hash(key) & self._mask]
-        share_fresh(pos)
-        if key in stripe:
-            stripe[key] = pos
-        else:
-            share_fresh_str(key)
-            stripe[key] = pos
+        self._publish(stripe, key, stripe.get(key), pos, own_key=True)
 
     def _index_hints(self, seg: _Segment, entries: Iterator[tuple[bytes, int, int]]) -> None:
         """``_index_put`` of every hint entry of ``seg``, inlined: the loop of ``open`` at a
@@ -505,12 +500,8 @@ class KvStore:
         with self._stripe_locks[i]:
             old = stripe.get(key)
             seg, offset = self._append(rec, n, n if old is None else n - _length(old))
-            pos = _pack(seg.fd, offset, n)
-            self._publish(stripe, key, old, pos)
-        if self._fsync_always:
-            self._group_commit(seg, offset + n)
-        if not self._compaction_wanted.is_set():
-            self._maybe_want_compaction()
+            self._publish(stripe, key, old, _pack(seg.fd, offset, n))
+        self._acknowledge(seg, offset + n)
 
     def set_many(self, items: Sequence[tuple[str, str]]) -> None:
         """``set`` of each ``(key, value)`` pair in order, sharing one append: the records go
@@ -522,11 +513,11 @@ class KvStore:
         key in the batch are held, in index order (so two batches cannot deadlock), across
         "append, then store the positions". The batch is not atomic across a crash: a torn
         tail keeps a prefix of it, as it would of the same ``set`` calls."""
-        recs = [self._encode_set(key, value) for key, value in items]
-        if len(recs) <= 1:
+        if len(items) <= 1:
             for key, value in items:
                 self.set(key, value)
             return
+        recs = [self._encode_set(key, value) for key, value in items]
         mask = self._mask
         stripe_ids = [hash(key) & mask for key, _value in items]
         locks = [self._stripe_locks[i] for i in sorted(set(stripe_ids))]
@@ -555,10 +546,7 @@ class KvStore:
         finally:
             for lock in reversed(locks):
                 lock.release()
-        if self._fsync_always:
-            self._group_commit(seg, offset)
-        if not self._compaction_wanted.is_set():
-            self._maybe_want_compaction()
+        self._acknowledge(seg, offset)
 
     def _encode_set(self, key: str, value: str) -> bytes:
         """The checksummed SET record of ``key`` and ``value``, made before any lock; raises
@@ -578,13 +566,14 @@ class KvStore:
         return body + _CRC_PACK(_crc32(body))
 
     @staticmethod
-    def _publish(stripe: dict[str, int], key: str, old: int | None, pos: int) -> None:
-        """Store the new position of ``key`` (caller holds its stripe lock). The position,
-        and a key the stripe does not hold yet, are new objects of this thread: they are
-        marked shareable before the dict store publishes them."""
+    def _publish(stripe: dict[str, int], key: str, old: int | None, pos: int, own_key: bool = False) -> None:
+        """Store the new position of ``key`` (caller holds its stripe lock, or is ``open``).
+        The position, and a key the stripe does not hold yet, are new objects of this thread
+        (``own_key``: ``key`` already is one, else a copy is made): they are marked
+        shareable before the dict store publishes them."""
         share_fresh(pos)
         if old is None:
-            stored_key = key.encode().decode()  # our own object: safe to mark shareable
+            stored_key = key if own_key else key.encode().decode()
             share_fresh_str(stored_key)
             stripe[stored_key] = pos
         else:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from kvs import __version__
 from kvs.errors import KeyNotFoundError, KvsError
 from kvs.freethreading import share_attributes
-from kvs.server.sessions import DecodingSession
+from kvs.server.sessions import DecodingSession, run_end
 from kvs.resp import (
     EMPTY_ARRAY,
     NULL_BULK,
@@ -93,9 +93,7 @@ class RespSession(DecodingSession):
                 argc = len(args)
                 if name == b"set" and argc == 3 and i < count and _is_plain_set(commands[i]):
                     # A pipelined run of SETs: one engine write for all of them.
-                    end = i + 1
-                    while end < count and _is_plain_set(commands[end]):
-                        end += 1
+                    end = run_end(commands, i + 1, _is_plain_set)
                     run = commands[i - 1:end]
                     try:
                         pairs = [(a[1].decode(), a[2].decode()) for a in run]

@@ -15,7 +15,8 @@ is logged as one warning line naming the peer.
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from kvs.engine.base import KvsEngine
 from kvs.freethreading import share_attributes
@@ -101,6 +102,19 @@ class DecodingSession:
         raise NotImplementedError
 
 
+def run_end(items: list, start: int, is_set: Callable[[Any], bool]) -> int:
+    """The index just past the consecutive items from ``start`` on that ``is_set`` accepts:
+    the end of a pipelined run of SETs."""
+    count = len(items)
+    while start < count and is_set(items[start]):
+        start += 1
+    return start
+
+
+def _is_set(item: object) -> bool:
+    return type(item) is Request and item[0] is _SET  # type: ignore[index]
+
+
 class KvsSession(DecodingSession):
     """Our binary protocol on one connection."""
 
@@ -129,10 +143,8 @@ class KvsSession(DecodingSession):
         while i < count:
             req = items[i]
             i += 1
-            if i < count and type(req) is Request and req[0] is _SET and type(items[i]) is Request and items[i][0] is _SET:
-                end = i + 1
-                while end < count and type(items[end]) is Request and items[end][0] is _SET:
-                    end += 1
+            if i < count and _is_set(req) and _is_set(items[i]):
+                end = run_end(items, i + 1, _is_set)
                 run = items[i - 1:end]
                 if self.store_run([(r[1], r[2]) for r in run]):
                     out += [OK_RESPONSE] * len(run)
