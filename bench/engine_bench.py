@@ -15,7 +15,9 @@ write has been handed to the OS, it survives a kill -9 but not a power loss):
 Benchmarks (100-byte values; 100k keys, quick 10k; every result is checked):
 
 ``set_1thread`` / ``get_1thread``
-    One thread sets every key of a fresh store, then gets every key (shuffled order).
+    One thread sets every key of a fresh store, then gets every key (shuffled order). The
+    engines' rounds are interleaved; ``ratio_to_best_peer`` (kvs) is the median over rounds of
+    kvs's ops/s over the best peer's in the same round.
 ``get_threads`` (threads = 1, 2, 4)
     The keys were written by two "pool" threads that stay alive (blocked on an Event) until
     the measurement ends: on free-threaded CPython the objects they created are owned by live
@@ -229,7 +231,10 @@ def rss_bytes() -> int:
 
 
 # --------------------------------------------------------------------------- benchmarks
-def bench_set_get(work: Workdir, engine_name: str, n: int, reps: int) -> list[dict]:
+def bench_set_get(work: Workdir, engine_names: Sequence[str], n: int, reps: int) -> list[dict]:
+    """Single-thread set then get, the engines' rounds interleaved (kvs, sqlite3, diskcache,
+    kvs, ...): a slow phase of a shared VM then weighs on every engine alike, and each round
+    gives kvs's ratio to the best peer of that same round (``ratio_to_best_peer``)."""
     ids = list(range(n))
     keys = [key_of(i) for i in ids]
     values = [value_of(i) for i in ids]
@@ -237,45 +242,61 @@ def bench_set_get(work: Workdir, engine_name: str, n: int, reps: int) -> list[di
     random.Random(1).shuffle(order)
     get_keys = [keys[i] for i in order]
     get_values = [values[i] for i in order]
-    opened: list[tuple[str, Engine]] = []
+    latest: dict[str, tuple[str, Engine]] = {}
 
-    def one_set(count: int = n) -> float:
+    def one_set(name: str, count: int = n) -> float:
         path = work.fresh()
-        engine = ENGINE_CLASSES[engine_name](path)
+        engine = ENGINE_CLASSES[name](path)
         _get, set_ = engine.client()
         t0 = time.perf_counter()
         for k, v in zip(keys[:count], values[:count]):
             set_(k, v)
         elapsed = time.perf_counter() - t0
-        opened.append((path, engine))
+        if name in latest:  # only the newest store of each engine is kept (for the gets)
+            old_path, old = latest[name]
+            old.close()
+            remove_dir(old_path)
+        latest[name] = (path, engine)
         return elapsed
 
-    # Each round builds a fresh store; the warm-up is a round of a tenth of the keys (a
-    # diskcache round of 100k sets takes ~10 s).
-    one_set(n // 10)
-    set_seconds = repeat(one_set, reps, warmup=0)
-    path, engine = opened.pop()
-    for old_path, old in opened:
-        old.close()
-        remove_dir(old_path)
+    def one_get(name: str) -> float:
+        get, _set = latest[name][1].client()
+        t0 = time.perf_counter()
+        for k, v in zip(get_keys, get_values):
+            if get(k) != v:
+                raise AssertionError(f"{name}: wrong value for {k}")
+        return time.perf_counter() - t0
+
+    set_seconds: dict[str, list[float]] = {e: [] for e in engine_names}
+    get_seconds: dict[str, list[float]] = {e: [] for e in engine_names}
     try:
-        get, _set = engine.client()
-
-        def one_get() -> float:
-            t0 = time.perf_counter()
-            for k, v in zip(get_keys, get_values):
-                if get(k) != v:
-                    raise AssertionError(f"{engine_name}: wrong value for {k}")
-            return time.perf_counter() - t0
-
-        get_seconds = repeat(one_get, reps)
+        # Each set round builds a fresh store; the warm-up is a round of a tenth of the keys
+        # (a diskcache round of 100k sets takes ~10 s). Gets warm up on the full store.
+        for name in engine_names:
+            one_set(name, n // 10)
+        for _ in range(reps):
+            for name in engine_names:
+                set_seconds[name].append(one_set(name))
+        for name in engine_names:
+            one_get(name)
+        for _ in range(reps):
+            for name in engine_names:
+                get_seconds[name].append(one_get(name))
     finally:
-        engine.close()
-        remove_dir(path)
-    return [
-        record(SUITE, "set_1thread", engine=engine_name, threads=1, keys=n, **throughput_stats(n, set_seconds)),
-        record(SUITE, "get_1thread", engine=engine_name, threads=1, keys=n, **throughput_stats(n, get_seconds)),
-    ]
+        for path, engine in latest.values():
+            engine.close()
+            remove_dir(path)
+    out = []
+    for bench, seconds in (("set_1thread", set_seconds), ("get_1thread", get_seconds)):
+        peers = [e for e in engine_names if e != "kvs"]
+        for name in engine_names:
+            extra: dict[str, float] = {}
+            if name == "kvs" and peers:
+                extra["ratio_to_best_peer"] = statistics.median(
+                    min(seconds[p][r] for p in peers) / seconds["kvs"][r] for r in range(reps))
+            out.append(record(SUITE, bench, engine=name, threads=1, keys=n, **extra,
+                              **throughput_stats(n, seconds[name])))
+    return out
 
 
 def bench_get_threads(work: Workdir, engine_name: str, n: int, reps: int) -> list[dict]:
@@ -484,9 +505,8 @@ def run(quick: bool, progress: Progress = no_progress, only: Sequence[str] | Non
             build_big_store(big_path[0], big)
         return big_path[0]
 
-    for name in ENGINES:
-        if "set_get" in selected:
-            steps.append((f"set/get 1 thread: {name}", lambda name=name: bench_set_get(work, name, n, reps)))
+    if "set_get" in selected:
+        steps.append((f"set/get 1 thread, interleaved: {', '.join(ENGINES)}", lambda: bench_set_get(work, ENGINES, n, reps)))
     for name in ENGINES:
         if "get_threads" in selected:
             steps.append((f"get 1/2/4 threads: {name}", lambda name=name: bench_get_threads(work, name, n, 1 if SMOKE else 4)))
@@ -538,7 +558,8 @@ def print_table(records: list[dict]) -> None:
         kvs = by.get((bench, "kvs", 1))
         peers = [by[(bench, e, 1)]["ops_per_sec"] for e in ("sqlite3", "diskcache") if (bench, e, 1) in by]
         if kvs and peers:
-            lines.append(f"{bench}: kvs / best peer = {kvs['ops_per_sec'] / max(peers):.2f}x")
+            lines.append(f"{bench}: kvs / best peer = {kvs['ops_per_sec'] / max(peers):.2f}x (of medians); "
+                         f"median of paired rounds: {kvs.get('ratio_to_best_peer', float('nan')):.2f}x")
     for e in ENGINES:
         one, two = by.get(("get_threads", e, 1)), by.get(("get_threads", e, 2))
         four = by.get(("get_threads", e, 4))

@@ -6,7 +6,11 @@ any thread. The pieces and who touches them:
 Log
     Append-only segment files (``segments.py`` names and orders them; ``record.py`` is the
     record format). Writers append to the *active* segment under ``_append_lock``, the one
-    serialization of all writers; the record is encoded and checksummed before the lock.
+    serialization of all writers; the record is encoded and checksummed before the lock,
+    and the append itself is a copy into a shared memory map of the segment (``_Segment``).
+    Readers ``pread`` the same file: Linux has one page cache per file, so the copied bytes
+    are what ``pread`` returns as soon as the copy is done, and a reader only learns a
+    record's position from the index store that follows the copy (see Index).
 
 Index (key directory)
     ``_stripes``: N dicts, a key's stripe chosen by ``hash(key)``. Value: an ``int`` packing
@@ -35,8 +39,9 @@ Compaction
     the inputs. Readers are never blocked; a writer waits at most for one record's swap.
 
 Durability (``fsync=``)
-    ``"never"`` (default): every acknowledged write has been handed to the OS with
-    ``pwrite`` (survives a kill -9 of the process, not a power loss). ``"always"``: fsync
+    ``"never"`` (default): every acknowledged write has been handed to the OS: copied into
+    the active segment's shared memory map, i.e. the page cache (survives a kill -9 of the
+    process, not a power loss; ``_Segment`` says why a map and not ``pwrite``). ``"always"``: fsync
     before acknowledging, with group commit (concurrent writers share one fsync).
     ``"interval"``: a background fsync every ``fsync_interval`` seconds (default 1).
     Compaction outputs, hints and markers are always fsynced before inputs are deleted.
@@ -94,7 +99,8 @@ _CRC_PACK = struct.Struct("<I").pack
 _CRC_RESIDUE = record.CRC_RESIDUE
 _crc32 = zlib.crc32
 _pread = os.pread
-_pwrite = os.pwrite
+_FIRST_ALLOCATION = 1 << 20  # the active segment's first extension (then doubling)
+_SHARED_COUNTS = shared_count_view()  # see kvs.freethreading.share_fresh; None when not needed
 
 
 def _pack(fd: int, offset: int, length: int) -> int:
@@ -130,10 +136,17 @@ _CLOSED_SHARDS = _ClosedShards()
 
 
 class _Segment:
-    """A segment file. ``size`` and ``durable`` change under ``_append_lock`` (active
-    segment) or belong to the compactor (outputs); readers never use this object."""
+    """A segment file. ``size`` (the end of its records), ``durable``, ``allocated`` and
+    ``writer`` change under ``_append_lock`` (active segment) or belong to the compactor
+    (outputs); readers never use this object.
 
-    __slots__ = ("gen", "path", "fd", "size", "durable")
+    The active segment is written through ``writer``, a shared writable memory map of its
+    first ``allocated`` bytes: the file is extended ahead of the records with
+    ``posix_fallocate`` (real blocks, zero-filled), so an append is a copy into the page
+    cache under the append lock, not a system call. Sealing unmaps it and truncates the file
+    to ``size``."""
+
+    __slots__ = ("gen", "path", "fd", "size", "durable", "allocated", "writer")
 
     def __init__(self, gen: int, path: Path, fd: int, size: int) -> None:
         self.gen = gen
@@ -141,6 +154,8 @@ class _Segment:
         self.fd = fd
         self.size = size
         self.durable = size
+        self.allocated = 0  # bytes of the file mapped for writing (active segment only)
+        self.writer: mmap.mmap | None = None
 
 
 class KvStore:
@@ -241,7 +256,6 @@ class KvStore:
         self._active: _Segment | None = None
         self._total_bytes = 0  # bytes of all segments; under _append_lock
         self._live_bytes = 0   # bytes of records the index points to; under _append_lock
-        self._failed: str | None = None  # set when a write could not be undone
         self._readers = ReaderRegistry()
         self._reader_local = self._readers.local
         share_fresh(self._reader_local)
@@ -260,6 +274,8 @@ class KvStore:
         for t in self._threads:
             t.join()
         for seg in self._segments.values():
+            if seg.writer is not None:
+                seg.writer.close()
             os.close(seg.fd)
         self._segments.clear()
         if self._dir is not None:
@@ -351,14 +367,19 @@ class KvStore:
                         else:
                             self._stripes[hash(k := key.decode()) & self._mask].pop(k, None)
             except record.CorruptRecord as exc:
-                if not (newest and _is_torn_tail(data, exc.offset, _MAX_STORED_RECORD)):
+                unwritten = newest and _is_zeros(data, exc.offset)
+                if not (unwritten or newest and _is_torn_tail(data, exc.offset, _MAX_STORED_RECORD)):
                     raise KvsError(f"data corruption in {seg.path} at offset {exc.offset}: {exc.reason}") from None
                 torn = exc
             else:
                 return
-        log.warning("%s: cutting off a torn or corrupt record at offset %d (%s), "
-                    "%d bytes: the tail of an interrupted write",
-                    seg.path, torn.offset, torn.reason, seg.size - torn.offset)
+        if unwritten:  # space allocated ahead of the records by a store that was not closed
+            log.debug("%s: cutting off %d bytes allocated ahead and never written",
+                      seg.path, seg.size - torn.offset)
+        else:
+            log.warning("%s: cutting off a torn or corrupt record at offset %d (%s), "
+                        "%d bytes: the tail of an interrupted write",
+                        seg.path, torn.offset, torn.reason, seg.size - torn.offset)
         try:
             os.ftruncate(seg.fd, torn.offset)
             os.fsync(seg.fd)
@@ -500,12 +521,22 @@ class KvStore:
         with self._stripe_locks[i]:
             old = stripe.get(key)
             seg, offset = self._append(rec, n, n if old is None else n - _length(old))
-            self._publish(stripe, key, old, _pack(seg.fd, offset, n))
-        self._acknowledge(seg, offset + n)
+            # _publish, inlined on this hottest write path: the new position (and a new
+            # key's own copy) marked shareable, then one dict store publishes them.
+            fd = seg.fd
+            pos = fd << 48 | offset << 16 | n if fd < 4096 and offset < 1 << 32 and n < 1 << 16 else _pack(fd, offset, n)
+            if _SHARED_COUNTS is not None:
+                _SHARED_COUNTS[(id(pos) + 16) >> 3] = 1
+            if old is None:
+                key = key.encode().decode()
+                share_fresh_str(key)
+            stripe[key] = pos
+        if self._fsync_always:
+            self._group_commit(seg, offset + n)
 
     def set_many(self, items: Sequence[tuple[str, str]]) -> None:
         """``set`` of each ``(key, value)`` pair in order, sharing one append: the records go
-        to the log in one ``pwrite`` (a pipelined batch of SETs costs one system call, not
+        to the log in one append (a pipelined batch of SETs takes the append lock once, not
         one each). Every pair is checked before anything is written: a bad one raises as
         ``set`` would and none is stored.
 
@@ -546,7 +577,8 @@ class KvStore:
         finally:
             for lock in reversed(locks):
                 lock.release()
-        self._acknowledge(seg, offset)
+        if self._fsync_always:
+            self._group_commit(seg, offset)
 
     def _encode_set(self, key: str, value: str) -> bytes:
         """The checksummed SET record of ``key`` and ``value``, made before any lock; raises
@@ -595,7 +627,8 @@ class KvStore:
                 raise KeyNotFoundError(key)
             seg, offset = self._append(rec, len(rec), -_length(old))
             del stripe[key]
-        self._acknowledge(seg, offset + len(rec))
+        if self._fsync_always:
+            self._group_commit(seg, offset + len(rec))
 
     @property
     def fsync(self) -> str:
@@ -640,11 +673,11 @@ class KvStore:
             with self._compact_lock, self._append_lock:
                 self._closed = True
                 self._shards = _CLOSED_SHARDS
-                if self._fsync != "never" and self._active is not None and self._failed is None:
+                if self._active is not None:
                     try:
-                        os.fsync(self._active.fd)
+                        self._seal(self._active)
                     except OSError as exc:
-                        log.error("%s: final fsync failed: %s", self._active.path, exc.strerror)
+                        log.error("%s: cannot seal the active segment: %s", self._active.path, exc.strerror)
             self._readers.grace_period()
             for seg in self._segments.values():
                 os.close(seg.fd)
@@ -673,54 +706,71 @@ class KvStore:
         """Write ``rec`` (``n`` bytes: one or more records) at the end of the active
         segment; the segment and the offset it was written at.
 
-        The only critical section all writers share: offset, ``pwrite``, bookkeeping."""
+        The only critical section all writers share: offset, a copy into the segment's
+        memory map (the bytes are then in the page cache: a kill -9 cannot lose them, and
+        every ``pread`` sees them), bookkeeping. Space is allocated before anything is
+        written, so a full disk fails the call with ``KvsError`` and writes nothing."""
         with self._append_lock:
-            if self._closed or self._failed is not None:
-                raise KvsError(self._failed or "the store is closed")
+            if self._closed:
+                raise KvsError("the store is closed")
             seg = self._active
             offset = seg.size
-            try:
-                written = _pwrite(seg.fd, rec, offset)
-                while written < n:  # a short write (e.g. disk nearly full): finish or fail
-                    more = _pwrite(seg.fd, rec[written:], offset + written)
-                    if more <= 0:
-                        raise OSError(28, "No space left on device")
-                    written += more
-            except OSError as exc:
-                self._undo_partial_write(seg, offset)
-                raise KvsError(f"cannot write to {seg.path}: {exc.strerror}") from None
-            seg.size = end = offset + n
-            self._total_bytes += n
-            self._live_bytes += live_delta
+            end = offset + n
+            if end > seg.allocated:
+                self._allocate(seg, end)
+            seg.writer[offset:end] = rec
+            seg.size = end
+            self._total_bytes = total = self._total_bytes + n
+            self._live_bytes = live = self._live_bytes + live_delta
             if end >= self._max_segment:
-                self._roll_over()
+                try:
+                    self._roll_over()
+                except KvsError as exc:  # the record is written: keep this segment active
+                    log.error("%s; %s stays the active segment", exc, seg.path.name)
+            if total - live >= self._compaction_threshold and not self._compaction_wanted.is_set():
+                self._maybe_want_compaction()  # rare: stale bytes are past the threshold
         return seg, offset
 
-    def _undo_partial_write(self, seg: _Segment, offset: int) -> None:
-        """Cut a failed write's partial bytes, so that later records follow the last good one."""
+    def _allocate(self, seg: _Segment, end: int) -> None:
+        """Extend the active segment's file and its writable map to hold at least ``end``
+        bytes: doubling from 1 MiB up to ``max_segment_bytes`` (the last record of a segment
+        may pass it). ``posix_fallocate`` gives the space real blocks, so a store into the
+        map never meets a full disk (which would be a SIGBUS, not an error). Caller holds
+        ``_append_lock``."""
+        want = max(end, min(self._max_segment, max(2 * seg.allocated, _FIRST_ALLOCATION)))
         try:
-            os.ftruncate(seg.fd, offset)
-        except OSError as exc:
-            self._failed = (f"{seg.path} could not be repaired after a failed write "
-                            f"({exc.strerror}); the store refuses writes until reopened")
-            log.error("%s", self._failed)
+            os.posix_fallocate(seg.fd, seg.allocated, want - seg.allocated)
+            writer = mmap.mmap(seg.fd, want, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, trackfd=False)
+        except (OSError, ValueError) as exc:
+            raise KvsError(f"cannot extend {seg.path} to {want} bytes: {getattr(exc, 'strerror', None) or exc}") from None
+        if seg.writer is not None:
+            seg.writer.close()
+        seg.writer = writer
+        seg.allocated = want
+
+    def _seal(self, seg: _Segment) -> None:
+        """Unmap the active segment and cut its file to its records (then fsync unless the
+        policy is ``never``). Caller holds ``_append_lock``."""
+        writer, seg.writer = seg.writer, None
+        allocated, seg.allocated = seg.allocated, 0  # a failure below: the next append re-maps
+        if writer is not None:
+            writer.close()
+        if allocated:
+            os.ftruncate(seg.fd, seg.size)
+        if self._fsync != "never":
+            os.fsync(seg.fd)
+            seg.durable = seg.size
 
     def _roll_over(self) -> None:
         """Seal the active segment and start the next one. Caller holds ``_append_lock``."""
         old = self._active
-        if self._fsync != "never":
-            os.fsync(old.fd)
-            old.durable = old.size
+        try:
+            self._seal(old)
+        except OSError as exc:
+            raise KvsError(f"cannot seal {old.path}: {exc.strerror}") from None
         self._active = self._create_segment(segments.gen(segments.major_of(old.gen) + 1))
         with self._sync_cond:
             self._sync_cond.notify_all()
-
-    def _acknowledge(self, seg: _Segment, end: int) -> None:
-        """Return when ``seg`` up to offset ``end`` is as durable as the policy promises."""
-        if self._fsync_always:
-            self._group_commit(seg, end)
-        if not self._compaction_wanted.is_set():
-            self._maybe_want_compaction()
 
     def _group_commit(self, seg: _Segment, end: int) -> None:
         """fsync so that ``seg`` is durable up to ``end``, sharing fsyncs: one writer (the
@@ -762,9 +812,9 @@ class KvStore:
         return stale >= self._compaction_threshold and stale >= self._compaction_ratio * self._total_bytes
 
     def _maybe_want_compaction(self) -> None:
-        # _compaction_due() inlined: this runs after every write.
-        stale = self._total_bytes - self._live_bytes
-        if stale >= self._compaction_threshold and stale >= self._compaction_ratio * self._total_bytes:
+        """Wake the compactor when a compaction is due (``_append`` calls this only once
+        stale bytes pass the threshold, so the common write pays one comparison)."""
+        if self._compaction_due():
             self._compaction_wanted.set()
 
     def _compactor(self) -> None:
@@ -934,6 +984,17 @@ def _mapped(seg: _Segment) -> Iterator[bytes | mmap.mmap]:
             view.close()
         except BufferError:
             pass  # an exception left a slice of it alive: it is unmapped when collected
+
+
+def _is_zeros(data: bytes | mmap.mmap, offset: int) -> bool:
+    """True when every byte of ``data`` from ``offset`` on is zero: space the active segment
+    had allocated ahead of its records (no record starts with a zero byte)."""
+    chunk = 1 << 20
+    for start in range(offset, len(data), chunk):
+        part = data[start:start + chunk]
+        if part.count(0) != len(part):
+            return False
+    return True
 
 
 def _is_torn_tail(data: bytes, offset: int, max_record: int) -> bool:
