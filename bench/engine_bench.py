@@ -25,6 +25,11 @@ Benchmarks (100-byte values; 100k keys, quick 10k; every result is checked):
     region; the readers start together from a barrier; ops/s = all gets / wall time. Rounds
     of 1, 2 and 4 threads are interleaved; ``ratio_to_1_thread`` is the median over rounds of
     (this round's ops/s / the same round's 1-thread ops/s).
+``cpu_control`` (threads = 2)
+    In the same rounds as kvs's ``get_threads``: a pure-arithmetic loop on private locals,
+    the same total work run by 1 and by 2 threads. Its ``ratio_to_1_thread`` (and the list
+    ``ratios``) is what this machine gives two threads that share nothing at all: the ceiling
+    that ``get_threads`` at 2 threads is read against.
 ``get_latency_idle`` / ``get_latency_compacting`` (kvs only)
     Per-get latency (p50/p99) on a store holding 3 versions of every key: idle, and while
     ``compact()`` runs in a background thread.
@@ -56,6 +61,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -324,6 +330,17 @@ def bench_get_threads(work: Workdir, engine_name: str, n: int, reps: int) -> lis
         def once(threads: int) -> float:
             return run_prepared_threads_timed([lambda t=t: prep(t, threads) for t in range(threads)])
 
+        # The machine's own 2-thread scaling in the same rounds: pure arithmetic on private
+        # locals, the same total work split over the threads (kvs only, once is enough).
+        control_work = 20 * n
+
+        def control(threads: int) -> float:
+            share = control_work // threads
+            return run_prepared_threads_timed([lambda: partial(_arithmetic, share)] * threads)
+
+        controls = (1, 2) if engine_name == "kvs" else ()
+        control_seconds: dict[int, list[float]] = {t: [] for t in controls}
+
         # Rounds of 1, 2 and 4 threads, interleaved: a slow phase of the machine (a shared VM
         # is noisy) then weighs on every thread count alike, and each round gives a ratio.
         for threads in THREAD_COUNTS:
@@ -332,6 +349,12 @@ def bench_get_threads(work: Workdir, engine_name: str, n: int, reps: int) -> lis
         for _ in range(reps):
             for threads in THREAD_COUNTS:
                 seconds[threads].append(once(threads))
+            for threads in controls:
+                control_seconds[threads].append(control(threads))
+        if controls:
+            paired = [one / two for one, two in zip(control_seconds[1], control_seconds[2])]
+            out.append(record(SUITE, "cpu_control", threads=2, ratio_to_1_thread=statistics.median(paired),
+                              ratios=paired, **throughput_stats(control_work, control_seconds[2])))
         for threads in THREAD_COUNTS:
             ops = (n // threads) * threads
             paired = [(ops / s) / (n / one) for s, one in zip(seconds[threads], seconds[1])]
@@ -342,6 +365,13 @@ def bench_get_threads(work: Workdir, engine_name: str, n: int, reps: int) -> lis
         engine.close()
         remove_dir(path)
     return out
+
+
+def _arithmetic(iterations: int) -> None:
+    """CPU-only work on private locals: what two threads of this machine can scale to."""
+    x = 0
+    for i in range(iterations):
+        x = (x + i * 7) & 0xFFFF
 
 
 def bench_latency(work: Workdir, n: int, reps: int) -> list[dict]:
@@ -560,6 +590,10 @@ def print_table(records: list[dict]) -> None:
         if kvs and peers:
             lines.append(f"{bench}: kvs / best peer = {kvs['ops_per_sec'] / max(peers):.2f}x (of medians); "
                          f"median of paired rounds: {kvs.get('ratio_to_best_peer', float('nan')):.2f}x")
+    control = by.get(("cpu_control", None, 2))
+    if control:
+        lines.append(f"cpu_control (pure arithmetic, nothing shared): 2 threads / 1 = median "
+                     f"{control['ratio_to_1_thread']:.2f}x, rounds {', '.join(f'{r:.2f}' for r in control['ratios'])}")
     for e in ENGINES:
         one, two = by.get(("get_threads", e, 1)), by.get(("get_threads", e, 2))
         four = by.get(("get_threads", e, 4))

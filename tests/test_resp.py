@@ -7,6 +7,7 @@ import tracemalloc
 
 import pytest
 
+from kvs import resp as resp_module
 from kvs.errors import KvsError
 from kvs.protocol import ProtocolError
 from kvs.resp import (
@@ -404,6 +405,68 @@ def test_fuzz_command_decoder(seed: int) -> None:
         # a valid command after a complete valid stream still parses
         if one_shot[1] is None and one_shot[2] == 0:
             assert make().feed(data + command("GET", "z"))[-1] == [b"GET", b"z"]
+
+
+def _general_parse(data: bytes, max_bulk: int, max_array: int, max_inline: int) -> tuple[list, int | str]:
+    """What the general parser alone makes of ``data``: (commands, end position or error)."""
+    try:
+        items, pos, _need = resp_module._parse_commands(data, 0, len(data), max_bulk, max_array, max_inline)
+    except RespProtocolError as exc:
+        return exc.preceding, str(exc)
+    return items, pos
+
+
+def test_split_fast_path_takes_what_clients_send() -> None:
+    batch = b"".join(command("SET", f"key:{i:012d}", "x" * 100) + command("GET", f"key:{i:012d}") for i in range(16))
+    items, pos = resp_module._split_commands(batch, 1 << 20, 1 << 20)
+    assert pos == len(batch) and len(items) == 32
+    assert items[0] == [b"SET", b"key:000000000000", b"x" * 100] and items[31] == [b"GET", b"key:000000000015"]
+    # an argument holding CR LF, an incomplete tail: the fast path stops right before them
+    tricky = command("SET", "k", "a\r\nb")
+    items, pos = resp_module._split_commands(command("GET", "a") + tricky + b"*2\r\n$3\r\nGET", 1 << 20, 1 << 20)
+    assert items == [[b"GET", b"a"]] and pos == len(command("GET", "a"))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_split_fast_path_then_general_parser_equals_the_general_parser(seed: int) -> None:
+    """The decoder's fast path (kvs.resp._split_commands) followed by the general parser from
+    where it stopped gives exactly the commands, end position and error of the general
+    parser alone, for valid streams (binary arguments, CR LF inside arguments, lengths at
+    the limits) and damaged ones."""
+    rng = random.Random(seed)
+    limits = [(64, 8, 48), (1 << 20, 1 << 20, 1 << 16), (5, 2, 48)]
+    atoms = [b"\r\n", b"\r", b"\n", b"*", b"$", b"0", b"1", b"2", b"3", b"16", b"-1", b"x"]
+    for _ in range(400):
+        parts = []
+        for _ in range(rng.randrange(1, 8)):
+            r = rng.random()
+            if r < 0.6:
+                parts.append(command(*[rng.choice([b"GET", b"SET", rng.randbytes(rng.randrange(0, 9)),
+                                                   b"a\r\nb", b"\r\n", b"x" * rng.choice([63, 64, 65, 4096, 4097])])
+                                       for _ in range(rng.randrange(1, 5))]))
+            elif r < 0.8:
+                parts.append(b"GET k\r\n")
+            else:
+                parts.append(b"".join(rng.choice(atoms) for _ in range(rng.randrange(1, 8))))
+        data = b"".join(parts)
+        if rng.random() < 0.4:
+            data = mutate(data, rng)
+        if rng.random() < 0.3:
+            data = data[: rng.randrange(len(data) + 1)]
+        for max_bulk, max_array, max_inline in limits:
+            want = _general_parse(data, max_bulk, max_array, max_inline)
+            fast, pos = resp_module._split_commands(data, max_bulk, max_array)
+            assert data[:1] == b"*" or not fast
+            rest_items, rest_end = _general_parse_from(data, pos, max_bulk, max_array, max_inline)
+            assert (fast + rest_items, rest_end) == want, data
+
+
+def _general_parse_from(data: bytes, start: int, max_bulk: int, max_array: int, max_inline: int) -> tuple[list, int | str]:
+    try:
+        items, pos, _need = resp_module._parse_commands(data, start, len(data), max_bulk, max_array, max_inline)
+    except RespProtocolError as exc:
+        return exc.preceding, str(exc)
+    return items, pos
 
 
 @pytest.mark.parametrize("seed", range(2))

@@ -302,6 +302,62 @@ def test_pipelined_raw_frames_in_one_send_and_byte_by_byte(tmp_path: Path) -> No
             assert [r.value for r in responses[50:]] == [f"v{i}" for i in range(50)]
 
 
+def test_requests_trickling_in_while_their_connection_is_served_are_never_lost(
+        tmp_path: Path, io_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """16 clients send pipelined frames in random small pieces, so bytes keep arriving while
+    a pool thread is serving their connection. Every response must come back, in order.
+    In leader-followers (edge-triggered) this exercises the AGAIN hand-over: an event for a
+    connection that is being served is recorded for its owner, never lost."""
+    from kvs.server.connection import AGAIN, Connection
+
+    again = [0]
+    real_claim = Connection.claim
+
+    def counting_claim(self: Connection, events: int = 0) -> bool:
+        claimed = real_claim(self, events)
+        if not claimed and self.state == AGAIN:
+            again[0] += 1
+        return claimed
+
+    monkeypatch.setattr(Connection, "claim", counting_claim)
+
+    def client(server: KvsServer, seed: int) -> None:
+        rng = random.Random(seed)
+        frames, expected = [], []
+        for i in range(150):
+            key = f"c{seed}-k{rng.randrange(10)}"
+            if rng.random() < 0.5:
+                value = f"{seed}:{i}:" + "v" * rng.randrange(60)
+                frames.append(encode_set(key, value))
+                expected.append((Status.OK, None))
+                latest[key] = value
+            else:
+                frames.append(encode_get(key))
+                expected.append((Status.VALUE, latest[key]) if key in latest else (Status.NOT_FOUND, None))
+        stream = b"".join(frames)
+        s = connect(server.address)
+        try:
+            pos = 0
+            while pos < len(stream):
+                n = rng.randrange(1, 64)
+                s.sendall(stream[pos:pos + n])
+                pos += n
+            s.shutdown(socket.SHUT_WR)
+            responses = ResponseDecoder().feed(read_until_closed(s))
+        finally:
+            s.close()
+        assert [(r.status, r.value) for r in responses] == expected
+
+    with server_stack(tmp_path, threads=2) as server:
+        for attempt in range(3):
+            latest: dict[str, str] = {}
+            run_threads([lambda seed=seed: client(server, 100 * attempt + seed) for seed in range(16)])
+            if io_model == "dispatch" or again[0]:
+                break
+    if io_model == "leader-followers":
+        assert again[0] > 0, "no event ever came for a connection being served: AGAIN not exercised"
+
+
 def test_client_that_does_not_read_is_dropped_after_send_timeout(tmp_path: Path) -> None:
     with server_stack(tmp_path, threads=2, send_timeout=0.5) as server:
         with KvsClient(server.address) as c:

@@ -3,15 +3,26 @@
 Ownership (the invariant everything else relies on): a connection is in exactly one state,
 changed only under ``lock``:
 
-- ``IDLE``: armed in the server's epoll set (``EPOLLONESHOT``), owned by nobody. Whoever
-  receives its one readiness event makes it ``BUSY`` (the I/O thread in the ``dispatch``
-  I/O model, a pool thread in ``leader-followers``: :meth:`claim`); the I/O thread may
-  close it (half-sent frame timeout, shutdown: :meth:`close` with ``only_if_idle``).
+- ``IDLE``: in the server's epoll set, owned by nobody. Whoever receives its readiness event
+  makes it ``BUSY`` (the I/O thread in the ``dispatch`` I/O model, a pool thread in
+  ``leader-followers``: :meth:`claim`); the I/O thread may close it (half-sent frame
+  timeout, shutdown: :meth:`close` with ``only_if_idle``).
 - ``BUSY``: owned by exactly one pool thread running :meth:`Connection.serve`. That thread
-  alone reads, parses, executes and writes; then it re-arms the connection (``IDLE``) or
-  closes it. ``EPOLLONESHOT`` guarantees no second event, hence no second worker, until the
-  re-arm, so requests of one connection are answered in order by one thread at a time.
+  alone reads, parses, executes and writes; then it hands the connection back
+  (``KvsServer._release``: ``IDLE``, or closed on shutdown).
+- ``AGAIN`` (``leader-followers`` only): still owned as ``BUSY``, and a readiness event
+  arrived meanwhile. The owner does not let go: ``_release`` turns it back into ``BUSY``
+  and the owner serves another turn.
 - ``CLOSED``: final.
+
+One owner at a time, so requests of one connection are answered in order by one thread.
+In ``dispatch`` the connection is registered ``EPOLLONESHOT``: no second event until the
+owner re-arms it. In ``leader-followers`` it is registered edge-triggered (``EPOLLET``) and
+stays armed, which saves an ``epoll_ctl`` per request; an edge that arrives while the
+connection is owned is not lost but recorded as ``AGAIN`` under the lock, so either the
+owner sees it before letting go, or the connection is ``IDLE`` by the time the event is
+claimed. A turn that leaves bytes unread (``MAX_BATCHES_PER_TURN``) re-arms explicitly
+(``epoll_ctl`` re-checks readiness), as no new edge would come for bytes already there.
 
 Because the session is only touched by the owning thread, and ownership passes through the
 lock (and through the pool's queue, itself a happens-before edge from spawn to run), the
@@ -39,10 +50,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvs.server")
 
-IDLE, BUSY, CLOSED = 0, 1, 2
+IDLE, BUSY, CLOSED, AGAIN = 0, 1, 2, 3
 RECV_SIZE = 256 * 1024
 MAX_BATCHES_PER_TURN = 16  # then re-arm, so one busy pipeline cannot starve the others
 _MSG_DONTWAIT = socket.MSG_DONTWAIT
+_HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _SERVING = threading.local()  # .active: this thread is inside a dispatch-model serve job
 
 
@@ -66,7 +78,8 @@ def serve_all(connections: list[Connection]) -> None:
 class Connection:
     """A client connection of a :class:`~kvs.server.server.KvsServer`."""
 
-    __slots__ = ("server", "sock", "fd", "peer", "session", "lock", "state", "partial_since", "__weakref__")
+    __slots__ = ("server", "sock", "fd", "peer", "session", "lock", "state", "pending", "partial_since",
+                 "__weakref__")
 
     def __init__(self, server: KvsServer, sock: socket.socket, peer: str) -> None:
         self.server = server
@@ -76,64 +89,95 @@ class Connection:
         self.session: Session | None = None  # chosen from the first byte received
         self.lock = threading.Lock()
         self.state = IDLE
+        self.pending = 0  # epoll events that came while AGAIN; under lock
         self.partial_since = 0.0  # monotonic time a half-received frame started waiting
         share_attributes(self)  # read by pool threads while this (I/O) thread lives
 
-    def claim(self) -> bool:
-        """IDLE to BUSY for the thread that received this connection's readiness event;
-        False when the I/O thread closed it in the meantime."""
+    def claim(self, events: int = 0) -> bool:
+        """IDLE to BUSY for the thread that received this connection's readiness event
+        (``events``, the epoll mask). A BUSY connection becomes AGAIN and keeps ``events``
+        for its owner's next turn. False unless this thread now owns the connection."""
         with self.lock:
-            if self.state != IDLE:
-                return False
-            self.state = BUSY
-            return True
+            state = self.state
+            if state == IDLE:
+                self.state = BUSY
+                return True
+            if state == BUSY or state == AGAIN:
+                self.state = AGAIN
+                self.pending |= events
+            return False
 
-    def serve(self) -> None:
-        """Pool job: answer every complete request available now, then re-arm or close."""
+    def serve(self, events: int = 0) -> None:
+        """Pool job: answer every complete request available now, then hand the connection
+        back to the server; serve again while the server says more has arrived."""
+        release = self.server._release
+        while True:
+            drained = self._serve_turn(events)
+            if drained is None:
+                return
+            events = release(self, drained)
+            if events is None:
+                return
+
+    def _serve_turn(self, events: int) -> bool | None:
+        """Read, execute and answer up to ``MAX_BATCHES_PER_TURN`` batches. True when the
+        socket had no more bytes, False when some may be left, None once closed.
+
+        A short read means the socket had nothing more, except for a hang-up already
+        queued behind the data: its edge came with the same event (``events`` has
+        ``EPOLLRDHUP``), so then reading goes on until the end of the stream is seen."""
         sock = self.sock
+        session = self.session
+        drained = False
+        hangup = events & _HANGUP
         try:
             for _ in range(MAX_BATCHES_PER_TURN):
                 try:
                     data = sock.recv(RECV_SIZE, _MSG_DONTWAIT)
                 except (BlockingIOError, InterruptedError):
+                    drained = True
                     break
                 if not data:  # the peer closed its side
                     self.close()
-                    return
-                session = self.session
+                    return None
                 if session is None:
                     session = self.session = self.server._make_session(data[0], self.peer)
                     if session is None:
                         self.close()
-                        return
+                        return None
                 out = session.handle(data)
                 if out:
-                    self._send_all(out)
+                    try:
+                        sent = sock.send(out)  # nearly always the whole reply at once
+                    except (BlockingIOError, InterruptedError):
+                        sent = 0
+                    if sent < len(out):
+                        self._send_all(out, sent)
                 if session.closing:
                     self.close()
-                    return
-                if len(data) < RECV_SIZE:
+                    return None
+                if len(data) < RECV_SIZE and not hangup:  # a short read took everything there was
+                    drained = True
                     break
         except OSError as exc:  # reset by peer, send timeout, ...
             log.debug("connection from %s ended: %s", self.peer, exc)
             self.close()
-            return
+            return None
         except Exception:
             log.exception("internal error on the connection from %s", self.peer)
             self.close()
-            return
-        session = self.session
+            return None
         if session is not None and session.in_frame:
             if not self.partial_since:
                 self.partial_since = time.monotonic()
-        else:
+        elif self.partial_since:
             self.partial_since = 0.0
-        self.server._rearm(self)
+        return drained
 
-    def _send_all(self, data: bytes) -> None:
-        """Send everything, waiting for socket space at most ``send_timeout`` at a time."""
+    def _send_all(self, data: bytes, start: int = 0) -> None:
+        """Send ``data[start:]``, waiting for socket space at most ``send_timeout`` at a time."""
         sock = self.sock
-        view = memoryview(data)
+        view = memoryview(data)[start:]
         while view:
             try:
                 sent = sock.send(view)

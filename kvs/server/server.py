@@ -26,12 +26,14 @@ themselves.
 
 - ``serve_forever`` starts one long-running job per pool thread (``_poll_connections``); the
   pool is then dedicated to this server. Each job waits in ``epoll_wait`` on the connections'
-  set; the kernel hands each readiness event of an ``EPOLLONESHOT`` connection to exactly one
-  waiting thread, which claims the connection (``IDLE`` to ``BUSY`` under its lock), serves it
-  and re-arms it, all on the same thread. No hand-off through a queue, no second thread woken
-  per request: on a 2-core machine this nearly doubled redis-benchmark's SET rate at 50
-  connections (``bench/README.md``). Idle connections still pin no thread: threads wait in
-  the kernel, not on a connection.
+  set; the kernel hands each readiness event to exactly one waiting thread, which claims the
+  connection (``IDLE`` to ``BUSY`` under its lock) and serves it on the same thread. No
+  hand-off through a queue, no second thread woken per request: on a 2-core machine this
+  nearly doubled redis-benchmark's SET rate at 50 connections (``bench/README.md``). Idle
+  connections still pin no thread: threads wait in the kernel, not on a connection.
+- Connections are edge-triggered (``EPOLLET``) and stay armed: a request costs no
+  ``epoll_ctl``. An event for a connection that is being served makes it ``AGAIN`` and its
+  owner serves another turn (``connection.py`` has the argument that no event is lost).
 - The thread running ``serve_forever`` only accepts connections and sweeps half-sent frames
   (it closes an ``IDLE`` connection only through ``Connection.close(only_if_idle=True)``, one
   step under the connection's lock, so a pool thread cannot claim it halfway).
@@ -67,7 +69,7 @@ from kvs.errors import KvsError
 from kvs.freethreading import share_attributes
 from kvs.limits import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES
 from kvs.protocol import REQUEST_MAGIC
-from kvs.server.connection import BUSY, IDLE, Connection, serve_all, serving_here
+from kvs.server.connection import AGAIN, BUSY, IDLE, Connection, serve_all, serving_here
 from kvs.server.resp_session import RespSession
 from kvs.server.sessions import KvsSession, Session
 from kvs.thread_pool.base import ThreadPool
@@ -78,7 +80,8 @@ PROTOCOLS = ("kvs", "resp")
 """Protocols a server can speak on its one port: our binary frames and RESP2 (Redis)."""
 IO_MODELS = ("leader-followers", "dispatch")
 """How connections reach pool threads (see the module docstring); the first is the default."""
-_ARM = select.EPOLLIN | select.EPOLLONESHOT | select.EPOLLRDHUP
+_ARM = select.EPOLLIN | select.EPOLLONESHOT | select.EPOLLRDHUP  # dispatch: one event per arming
+_ARM_EDGE = select.EPOLLIN | select.EPOLLET | select.EPOLLRDHUP  # leader-followers: stays armed
 _EVENTS_PER_WAIT = 4  # leader-followers: ready connections one pool thread takes per epoll_wait
 
 
@@ -111,6 +114,8 @@ class KvsServer:
         if io_model not in IO_MODELS:
             raise KvsError(f"unknown I/O model {io_model!r} (choose from {', '.join(IO_MODELS)})")
         self.io_model = io_model
+        self._edge_triggered = io_model == "leader-followers"
+        self._arm = _ARM_EDGE if self._edge_triggered else _ARM
         if max_connections < 1 or frame_timeout <= 0 or send_timeout <= 0:
             raise KvsError("max_connections, frame_timeout and send_timeout must be positive")
         self.engine = engine
@@ -314,12 +319,12 @@ class KvsServer:
         self._local.poller = True
         try:
             while not self._stopping:
-                for fd, _events in ep.poll(1.0, _EVENTS_PER_WAIT):
+                for fd, events in ep.poll(1.0, _EVENTS_PER_WAIT):
                     if fd == stop_fd:
                         continue
                     conn = conns.get(fd)
-                    if conn is not None and conn.claim():
-                        conn.serve()  # answers, then re-arms or closes
+                    if conn is not None and conn.claim(events):
+                        conn.serve(events)  # answers, then hands it back or closes
         except Exception:  # never leave the server waiting for this loop
             log.exception("a server loop failed")
         finally:
@@ -346,7 +351,7 @@ class KvsServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Connection(self, sock, peer)
             self._connections[conn.fd] = conn
-            self._epoll.register(conn.fd, _ARM)
+            self._epoll.register(conn.fd, self._arm)
 
     def _consume_wake(self) -> None:
         try:
@@ -381,7 +386,7 @@ class KvsServer:
         self._listener.close()
         while True:
             for conn in list(self._connections.values()):
-                # Check and close under the connection's lock: a worker in _rearm that saw
+                # Check and close under the connection's lock: a worker in _release that saw
                 # _stopping False (just before shutdown) may be turning BUSY into IDLE right
                 # now (unlocked, we could see BUSY, skip it, and wait forever for an IDLE
                 # connection to close), and a leader-followers thread may be claiming it.
@@ -401,19 +406,30 @@ class KvsServer:
         log.warning("closing connection from %s: unknown protocol (first byte 0x%02x)", peer, first_byte)
         return None
 
-    def _rearm(self, conn: Connection) -> None:
-        """A worker is done with ``conn``: back into the epoll set, or closed on shutdown."""
+    def _release(self, conn: Connection, drained: bool) -> int | None:
+        """The owner of ``conn`` is done with a turn: hand it back (``IDLE``, re-armed when
+        that is needed) or close it on shutdown, and return None. When a readiness event
+        came during the turn (``AGAIN``) the owner keeps the connection instead: the
+        events it carried are returned, for another turn."""
         with conn.lock:
-            if conn.state != BUSY:
-                return
+            state = conn.state
+            if state == AGAIN and not self._stopping:
+                conn.state = BUSY
+                events, conn.pending = conn.pending, 0
+                return events
+            if state != BUSY and state != AGAIN:
+                return None
             if not self._stopping:
                 conn.state = IDLE
+                if drained and self._edge_triggered:
+                    return None  # still armed: the next bytes make a new edge
                 try:
-                    self._epoll.modify(conn.fd, _ARM)
-                    return
+                    self._epoll.modify(conn.fd, self._arm)
+                    return None
                 except (OSError, ValueError):
                     pass
         conn.close()
+        return None
 
     def _forget(self, conn: Connection) -> None:
         """Called by ``Connection.close`` before the socket is closed (so the fd number
