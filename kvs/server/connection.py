@@ -51,7 +51,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvs.server")
 
 IDLE, BUSY, CLOSED, AGAIN = 0, 1, 2, 3
-RECV_SIZE = 256 * 1024
+FIRST_RECV_SIZE = 16 * 1024  # a turn's first read: enough for a pipelined batch
+RECV_SIZE = 256 * 1024  # reads after a full one: large values and deep pipelines
+# (CPython allocates the whole size for every recv before shrinking the result: a small first
+# read saves about half a microsecond per request, measured.)
 MAX_BATCHES_PER_TURN = 16  # then re-arm, so one busy pipeline cannot starve the others
 _MSG_DONTWAIT = socket.MSG_DONTWAIT
 _HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
@@ -130,10 +133,11 @@ class Connection:
         session = self.session
         drained = False
         hangup = events & _HANGUP
+        size = FIRST_RECV_SIZE
         try:
             for _ in range(MAX_BATCHES_PER_TURN):
                 try:
-                    data = sock.recv(RECV_SIZE, _MSG_DONTWAIT)
+                    data = sock.recv(size, _MSG_DONTWAIT)
                 except (BlockingIOError, InterruptedError):
                     drained = True
                     break
@@ -156,9 +160,10 @@ class Connection:
                 if session.closing:
                     self.close()
                     return None
-                if len(data) < RECV_SIZE and not hangup:  # a short read took everything there was
+                if len(data) < size and not hangup:  # a short read took everything there was
                     drained = True
                     break
+                size = RECV_SIZE
         except OSError as exc:  # reset by peer, send timeout, ...
             log.debug("connection from %s ended: %s", self.peer, exc)
             self.close()
