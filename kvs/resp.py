@@ -81,9 +81,8 @@ class RespProtocolError(ProtocolError):
 def _strict_int(s: bytes) -> int | None:
     """Redis's string2ll: optional '-', decimal digits, no leading zero, no '+', no spaces,
     no '-0', within a signed 64-bit integer. None when ``s`` is not such a number."""
-    v = _SMALL_INTS.get(s)
-    if v is not None:
-        return v
+    if s in _SMALL_INTS:  # "in" and [], not .get: dict.get locks the dict on 3.13t
+        return _SMALL_INTS[s]
     if not s or len(s) > 20:
         return None
     neg = s[0] == 45  # '-'
@@ -205,7 +204,7 @@ def _parse_commands(
             if nl - pos - 1 > max_inline:
                 raise RespProtocolError("Protocol error: too big mbulk count string", preceding=items)
             s = buf[pos + 1 : nl]
-            n = small.get(s)
+            n = small[s] if s in small else None  # not small.get: it locks the dict on 3.13t
             if n is None:
                 n = _strict_int(s)
                 if n is None:
@@ -231,7 +230,7 @@ def _parse_commands(
                 if nl - p - 1 > max_inline:
                     raise RespProtocolError("Protocol error: too big bulk count string", preceding=items)
                 s = buf[p + 1 : nl]
-                m = small.get(s)
+                m = small[s] if s in small else None
                 if m is None or m < 0:
                     m = _strict_int(s)
                     if m is None or m < 0 or m > max_bulk:
@@ -292,14 +291,22 @@ def _split_commands(buf: bytes, max_bulk: int, max_array: int) -> tuple[list, in
     items: list = []
     i = 0
     while i < last:
-        n = arrays.get(parts[i])
-        if n is None or n > max_array or i + 2 * n >= last:
+        # Subscripts, not .get: every connection's thread reads these two dicts, and on 3.13t
+        # dict.get locks the dict (a subscript is the lock-free lookup). A miss ends the run.
+        try:
+            n = arrays[parts[i]]
+        except KeyError:
+            break
+        if n > max_array or i + 2 * n >= last:
             break
         args = []
         for j in range(i + 1, i + 2 * n, 2):
-            m = bulks.get(parts[j])
             arg = parts[j + 1]
-            if m is None or m > max_bulk or len(arg) != m:
+            try:
+                m = bulks[parts[j]]
+            except KeyError:
+                break
+            if m > max_bulk or len(arg) != m:
                 break
             args.append(arg)
         else:

@@ -38,3 +38,17 @@ def test_gil_stays_disabled_after_importing_everything() -> None:
 
 def test_interpreter_is_313_or_newer() -> None:
     assert sys.version_info >= (3, 13)
+
+
+def test_hot_shared_dict_reads_never_use_dict_get() -> None:
+    """On 3.13t dict.get locks the dict (Argument Clinic's @critical_section), while d[key]
+    is lock-free; every pool thread runs these functions on the same dicts, so a .get there
+    brings back lock contention (docs/free-threading.md, section 2b)."""
+    from kvs import resp
+    from kvs.engine.kvstore import KvStore
+    from kvs.server.server import KvsServer
+
+    hot = [KvStore.get, resp._split_commands, resp._parse_commands, resp._strict_int,
+           KvsServer._poll_connections, KvsServer._io_loop]
+    for fn in hot:
+        assert "get" not in fn.__code__.co_names, f"{fn.__qualname__} calls .get"

@@ -438,15 +438,24 @@ class KvStore:
 
     # ------------------------------------------------------------------ public API
     def get(self, key: str) -> str | None:
-        """The value of ``key``, or ``None``. Takes no lock (see the module docstring)."""
+        """The value of ``key``, or ``None``. Takes no lock (see the module docstring).
+
+        The index and the cache are read by subscript, never with ``dict.get``: on 3.13t
+        ``dict.get`` runs inside the dict's critical section (Argument Clinic's
+        ``@critical_section``: it locks the dict's mutex), while ``d[key]`` is the lock-free
+        lookup. Two threads reading one dict through ``get`` contend on its mutex."""
         if type(key) is not str:
             key = _check_str(key, "key")
         stripe, cache = self._shards[hash(key) & self._mask]  # raises if the store is closed
-        pos = stripe.get(key)
-        if pos is None:
+        try:
+            pos = stripe[key]
+        except KeyError:
             self._check_key(key)  # a key that cannot exist may still be a caller's error
             return None
-        hit = cache.get(key)
+        try:
+            hit = cache[key]
+        except KeyError:
+            hit = None
         if hit is not None and hit[0] is pos:
             # The cached value belongs to exactly the record the index points to now: the
             # tuple holds that position object, so it cannot be a recycled identity.
@@ -461,8 +470,9 @@ class KvStore:
         try:
             # Look again after announcing the read: only a position loaded inside the
             # announced section is protected from its segment being closed (readers.py).
-            pos = stripe.get(key)
-            if pos is None:
+            try:
+                pos = stripe[key]
+            except KeyError:
                 return None
             if pos < _NARROW_LIMIT:
                 length = pos & 0xFFFF

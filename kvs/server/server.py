@@ -250,10 +250,13 @@ class KvsServer:
                     elif fd == self._wake_fd:
                         self._consume_wake()
                     else:
-                        conn = conns.get(fd)
+                        try:
+                            conn = conns[fd]  # not conns.get: see _poll_connections
+                        except KeyError:
+                            continue
                         # Only this thread moves a connection out of IDLE, so no lock is
                         # needed to claim it; workers only ever move BUSY ones.
-                        if conn is not None and conn.state == IDLE:
+                        if conn.state == IDLE:
                             conn.state = BUSY
                             ready.append(conn)
                 if ready:
@@ -322,8 +325,13 @@ class KvsServer:
                 for fd, events in ep.poll(1.0, _EVENTS_PER_WAIT):
                     if fd == stop_fd:
                         continue
-                    conn = conns.get(fd)
-                    if conn is not None and conn.claim(events):
+                    try:
+                        # A subscript, not conns.get: on 3.13t dict.get locks the dict, and
+                        # every pool thread looks up this one dict for every request.
+                        conn = conns[fd]
+                    except KeyError:  # closed meanwhile
+                        continue
+                    if conn.claim(events):
                         conn.serve(events)  # answers, then hands it back or closes
         except Exception:  # never leave the server waiting for this loop
             log.exception("a server loop failed")
