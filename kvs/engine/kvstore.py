@@ -400,7 +400,7 @@ class KvStore:
         stripes = self._stripes
         mask = self._mask
         fd = seg.fd
-        words = shared_count_view()
+        words = _SHARED_COUNTS
         narrow = fd << 48 if fd < 4096 and seg.size <= 1 << 32 else -1
         for key_bytes, offset, length in entries:
             key = key_bytes.decode()

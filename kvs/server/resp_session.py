@@ -118,12 +118,8 @@ class RespSession(DecodingSession):
                     append(OK)
                 else:
                     append(self._other(name, args))
-            except UnicodeDecodeError:  # from the inline GET or SET: say which argument
-                try:
-                    _text(args[1], "key")
-                    _text(args[2], "value")
-                except KvsError as exc:
-                    append(error(str(exc)))
+            except UnicodeDecodeError:  # from the inline GET or SET: the key, else the value
+                append(error(_not_utf8("value" if _decodes(args[1]) else "key")))
             except KvsError as exc:
                 append(error(str(exc)))
             except Exception:  # a bug costs one command, never the connection or server
@@ -258,11 +254,23 @@ def _is_plain_set(args: list[bytes]) -> bool:
     return len(args) == 3 and args[0].lower() == b"set"
 
 
+def _not_utf8(what: str) -> str:
+    return f"{what} is not valid UTF-8 (kvs stores UTF-8 text)"
+
+
+def _decodes(raw: bytes) -> bool:
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _text(raw: bytes, what: str) -> str:
     try:
         return raw.decode()
     except UnicodeDecodeError:
-        raise KvsError(f"{what} is not valid UTF-8 (kvs stores UTF-8 text)") from None
+        raise KvsError(_not_utf8(what)) from None
 
 
 def _fsync_policy(server: KvsServer) -> str:
