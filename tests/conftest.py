@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from kvs.server.fd_limit import raise_open_file_limit
 from kvs.server.server import IO_MODELS
 from tests import netutil
 
@@ -13,3 +14,9 @@ def io_model(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     """Run the test once per server I/O model (servers started through ``tests.netutil``)."""
     monkeypatch.setattr(netutil, "IO_MODEL", request.param)
     return request.param
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Server tests hold both ends of 1,100 connections in this one process: raise a soft
+    # open-file limit of 1024 (the usual default) as kvs-server does for itself.
+    raise_open_file_limit(4096)

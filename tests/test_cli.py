@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -21,7 +22,8 @@ from pathlib import Path
 import pytest
 
 import kvs
-from tests.netutil import DEADLINE
+from kvs.server.fd_limit import RESERVED_DESCRIPTORS
+from tests.netutil import DEADLINE, wait_for
 
 BIN = Path(sys.executable).parent
 KVS_SERVER = str(BIN / "kvs-server")
@@ -67,10 +69,14 @@ def assert_usage_error(proc: subprocess.CompletedProcess[str]) -> None:
 class ServerProcess:
     """A kvs-server subprocess; its stderr is collected by a thread as it arrives."""
 
-    def __init__(self, data_dir: Path, *args: str, addr: str = "127.0.0.1:0") -> None:
+    def __init__(self, data_dir: Path, *args: str, addr: str = "127.0.0.1:0",
+                 soft_fd_limit: int | None = None, hard_fd_limit: bool = False) -> None:
+        argv = [KVS_SERVER, "--addr", addr, "--data-dir", str(data_dir), "--threads", "2", *args]
+        if soft_fd_limit is not None:  # the shell lowers it, then becomes the server (exec)
+            which = "-n" if hard_fd_limit else "-Sn"  # -n: the hard limit too
+            argv = ["sh", "-c", f'ulimit {which} {soft_fd_limit} && exec "$@"', "sh", *argv]
         self.proc = subprocess.Popen(
-            [KVS_SERVER, "--addr", addr, "--data-dir", str(data_dir), "--threads", "2", *args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         self.lines: list[str] = []
         self.stdout = ""
@@ -309,6 +315,75 @@ def test_data_directory_in_use_is_one_line(servers: list[ServerProcess], tmp_pat
 
 
 # ------------------------------------------------------------------------------ access
+
+
+def soft_fd_limit(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no 'Max open files' line")
+
+
+def test_server_raises_its_open_file_limit_to_fit_max_connections(servers: list[ServerProcess],
+                                                                  tmp_path: Path) -> None:
+    """Started with the usual soft limit lowered to 256, a server configured for 1,000
+    connections raises it (hard limit permitting) so that they can all be accepted."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 2000:
+        pytest.skip(f"the hard open-file limit here is {hard}")
+    server = ServerProcess(tmp_path / "data", "--max-connections", "1000", soft_fd_limit=256)
+    servers.append(server)
+    addr = server.wait_listening()
+    host, port = addr.rsplit(":", 1)
+    wait_for(lambda: soft_fd_limit(server.proc.pid) >= 1000 + RESERVED_DESCRIPTORS, what="the raised limit")
+    socks = [socket.create_connection((host, int(port)), timeout=DEADLINE) for _ in range(400)]
+    try:
+        assert client("set", "k", "v", addr=addr).returncode == 0
+        assert client("get", "k", addr=addr).stdout == "v\n"
+    finally:
+        for s in socks:
+            s.close()
+    assert server.terminate() == 0
+    assert "accept failed" not in server.stderr and "Traceback" not in server.stderr
+
+
+@pytest.mark.parametrize("io", ["leader-followers", "dispatch"])
+def test_out_of_descriptors_new_connections_wait_and_the_server_does_not_spin(
+        servers: list[ServerProcess], tmp_path: Path, io: str) -> None:
+    """With a hard limit of 48 descriptors, 60 clients connect: accept() fails with EMFILE
+    while the listener stays readable. The server logs that once (a loop polling the
+    listener again at once would log it thousands of times a second), serves the
+    connections it has, and accepts the waiting ones as soon as descriptors are free."""
+    server = ServerProcess(tmp_path / "data", "--io", io, soft_fd_limit=48, hard_fd_limit=True)
+    servers.append(server)
+    addr = server.wait_listening()
+    host, port = addr.rsplit(":", 1)
+    socks = [socket.create_connection((host, int(port)), timeout=DEADLINE) for _ in range(60)]
+    try:
+        wait_for(lambda: "accept failed: Too many open files" in server.stderr, what="the EMFILE warning")
+        # Connections that got in are served while the others wait.
+        socks[0].sendall(b"*1\r\n$4\r\nPING\r\n")
+        assert socks[0].recv(64) == b"+PONG\r\n"
+        cpu = _process_cpu_seconds(server.proc.pid)
+        threading.Event().wait(1.0)  # a window in which a spinning accept loop would burn a core
+        assert _process_cpu_seconds(server.proc.pid) - cpu < 0.5
+    finally:
+        for s in socks[:50]:
+            s.close()
+    # Descriptors are free again: the connections still waiting in the backlog get in.
+    for s in socks[50:]:
+        s.sendall(b"*1\r\n$4\r\nPING\r\n")
+        assert s.recv(64) == b"+PONG\r\n"
+        s.close()
+    wait_for(lambda: "accepting connections again" in server.stderr, what="the recovery line")
+    assert server.stderr.count("accept failed") == 1, server.stderr
+    assert server.terminate() == 0
+    assert "Traceback" not in server.stderr
+
+
+def _process_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -408,10 +408,17 @@ def test_readers_never_fail_while_segments_are_retired(stores: Callable[..., KvS
     reads = [0, 0, 0]
 
     def churner() -> None:
+        # Bounded: without background compaction every segment it fills stays open until
+        # the next compaction, and where fsync is slow (compactions fsync their outputs) an
+        # unbounded churner opened thousands of segments per round, past a 1024-descriptor
+        # limit. A few dozen segments per round are plenty to retire.
         i = 0
         while not stop.is_set():
             store.set(f"c{i % 64}", f"churn {i}")
             i += 1
+            if i % 64 == 0 and store.stats()["segments"] > 64:
+                done = store.stats()["compactions"]
+                wait_until(lambda: stop.is_set() or store.stats()["compactions"] > done, timeout=60)
 
     def compactor() -> None:
         try:
@@ -652,6 +659,91 @@ def test_a_full_disk_fails_the_write_and_stores_nothing(tmp_path: Path, monkeypa
         assert store.get("before") == "the disk filled"
         assert store.get(f"key{failed_at}") == "stored"
         assert all(store.get(f"key{i}") == "v" * 100 for i in range(failed_at))
+
+
+def test_a_failing_roll_over_keeps_writing_into_the_active_segment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Out of file descriptors, no new segment can be created: writes go on into the active
+    segment past max_segment_bytes, the error is logged once, the roll-over is retried once
+    per further segment of data (not per write), and it works again once descriptors are
+    back. Nothing written meanwhile is lost, before or after a reopen."""
+    real_open = os.open
+    attempts = [0]
+    exhausted = threading.Event()
+
+    def open_without_descriptors(path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
+        if exhausted.is_set() and str(path).endswith(".log"):
+            attempts[0] += 1
+            raise OSError(24, "Too many open files", str(path))
+        return real_open(path, flags, mode, **kw)
+
+    segment_bytes = 4096
+    data: dict[str, str] = {}
+    with KvStore.open(tmp_path, background_compaction=False, max_segment_bytes=segment_bytes) as store:
+        for i in range(100):
+            data[f"before{i}"] = f"v{i} " + "b" * 80
+            store.set(f"before{i}", data[f"before{i}"])
+        segments_before = store.stats()["segments"]
+        monkeypatch.setattr(kvstore_module.os, "open", open_without_descriptors)
+        exhausted.set()
+        with caplog.at_level(logging.ERROR, logger=KVSTORE_LOG):
+            for i in range(400):  # about 40 KB: ten segments' worth
+                data[f"during{i}"] = f"v{i} " + "d" * 90
+                store.set(f"during{i}", data[f"during{i}"])
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1, [r.getMessage() for r in errors]
+        assert "Too many open files" in errors[0].getMessage()
+        assert "stays the active segment" in errors[0].getMessage()
+        assert store.stats()["segments"] == segments_before
+        written = sum(len(k) + len(v) for k, v in data.items() if k.startswith("during"))
+        assert 1 <= attempts[0] <= written // segment_bytes + 1
+        assert all(store.get(k) == v for k, v in data.items())
+        exhausted.clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=KVSTORE_LOG):
+            for i in range(200):
+                data[f"after{i}"] = f"v{i} " + "a" * 90
+                store.set(f"after{i}", data[f"after{i}"])
+        assert any("roll-over works again" in r.getMessage() for r in caplog.records)
+        assert store.stats()["segments"] > segments_before + 1
+        assert all(store.get(k) == v for k, v in data.items())
+    with KvStore.open(tmp_path, background_compaction=False, max_segment_bytes=segment_bytes) as store:
+        assert all(store.get(k) == v for k, v in data.items())
+
+
+def test_a_failed_compaction_raises_kvs_error_and_loses_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compaction that fails half-way (here: no descriptor for a hint file) raises a
+    KvsError naming the cause; every record stays readable, the next compaction succeeds,
+    leaves no temporary file behind, and a reopen finds everything."""
+    store = KvStore.open(tmp_path, background_compaction=False, max_segment_bytes=2048)
+    expected: dict[str, str] = {}
+    for rnd in range(4):
+        for i in range(150):
+            expected[f"k{i}"] = f"value {i} round {rnd}"
+            store.set(f"k{i}", expected[f"k{i}"])
+    real_write = kvstore_module.hints.write_hint_file
+
+    def no_descriptor(path: str, *args: Any) -> None:
+        raise OSError(24, "Too many open files", path)
+
+    monkeypatch.setattr(kvstore_module.hints, "write_hint_file", no_descriptor)
+    with pytest.raises(KvsError, match=r"compaction of .* failed: Too many open files .*hint\.tmp"):
+        store.compact()
+    assert store.stats()["compactions"] == 0
+    assert all(store.get(k) == v for k, v in expected.items())
+    monkeypatch.setattr(kvstore_module.hints, "write_hint_file", real_write)
+    for i in range(0, 150, 3):
+        expected[f"k{i}"] = f"value {i} after the failure"
+        store.set(f"k{i}", expected[f"k{i}"])
+    store.compact()
+    assert store.stats()["compactions"] == 1
+    assert all(store.get(k) == v for k, v in expected.items())
+    assert not list(tmp_path.glob("*.tmp"))
+    store.close()
+    with KvStore.open(tmp_path, background_compaction=False) as store:
+        assert all(store.get(k) == v for k, v in expected.items())
+        assert len(store) == len(expected)
 
 
 def test_flipped_byte_in_middle_of_newest_segment_is_an_error(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from kvs.engine.kvstore import FSYNC_POLICIES
 from kvs.errors import KvsError
 from kvs.limits import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES
 from kvs.server import KvsServer
+from kvs.server.fd_limit import RESERVED_DESCRIPTORS, raise_open_file_limit
 from kvs.server.server import IO_MODELS, available_protocols
 from kvs.thread_pool import POOLS, make_pool
 
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("kvs-server %s: engine %s, pool %s, %d threads, I/O model %s, data directory %s, protocols %s",
              __version__, name, args.pool, args.threads, args.io, args.data_dir.resolve(), ",".join(args.protocols))
     log.info("listening on %s:%d", host, port)
+    # After the start can no longer fail: a failed start prints one error line and nothing else.
+    raise_open_file_limit(args.max_connections + RESERVED_DESCRIPTORS)
     status = 0
     try:
         server.serve_forever()

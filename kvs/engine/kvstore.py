@@ -231,6 +231,10 @@ class KvStore:
         self._compaction_threshold = compaction_threshold
         self._compaction_ratio = compaction_ratio
         self._max_segment = max_segment_bytes
+        # The size at which the active segment rolls over: max_segment_bytes, or another
+        # max_segment_bytes further after a failed roll-over (_try_roll_over); under _append_lock.
+        self._roll_at = max_segment_bytes
+        self._roll_failures = 0  # failed roll-overs since the last one that worked
         self._max_key = max_key_bytes
         self._max_value = max_value_bytes
         self._closed = True  # until recovery has finished
@@ -337,10 +341,15 @@ class KvStore:
         path = self.path / segments.log_name(g)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            if self._fsync != "never":
-                fsync_dir(self.path)
         except OSError as exc:
             raise KvsError(f"cannot create segment {path}: {exc.strerror}") from None
+        if self._fsync != "never":
+            try:
+                fsync_dir(self.path)
+            except OSError as exc:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+                raise KvsError(f"cannot create segment {path}: {exc.strerror}") from None
         seg = _Segment(g, path, fd, 0)
         self._segments[g] = seg
         self._by_fd[fd] = seg
@@ -732,14 +741,27 @@ class KvStore:
             seg.size = end
             self._total_bytes = total = self._total_bytes + n
             self._live_bytes = live = self._live_bytes + live_delta
-            if end >= self._max_segment:
-                try:
-                    self._roll_over()
-                except KvsError as exc:  # the record is written: keep this segment active
-                    log.error("%s; %s stays the active segment", exc, seg.path.name)
+            if end >= self._roll_at:
+                self._try_roll_over(seg, end)
             if total - live >= self._compaction_threshold and not self._compaction_wanted.is_set():
                 self._maybe_want_compaction()  # rare: stale bytes are past the threshold
         return seg, offset
+
+    def _try_roll_over(self, seg: _Segment, end: int) -> None:
+        """Roll over after the write that took the active segment ``seg`` to ``end`` bytes.
+        That write has succeeded whatever happens here. When the roll-over fails (no file
+        descriptor left, a full directory, ...), ``seg`` stays active and the next attempt
+        waits until another ``max_segment_bytes`` have been written: a lasting failure costs
+        one failed ``open`` per segment of data, not one per write, and logs once. Caller
+        holds ``_append_lock``."""
+        try:
+            self._roll_over()
+        except KvsError as exc:
+            self._roll_at = end + self._max_segment
+            self._roll_failures += 1
+            if self._roll_failures == 1:
+                log.error("%s; %s stays the active segment and takes the writes "
+                          "(roll-over retried every %d bytes)", exc, seg.path.name, self._max_segment)
 
     def _allocate(self, seg: _Segment, end: int) -> None:
         """Extend the active segment's file and its writable map to hold at least ``end``
@@ -747,7 +769,9 @@ class KvStore:
         may pass it). ``posix_fallocate`` gives the space real blocks, so a store into the
         map never meets a full disk (which would be a SIGBUS, not an error). Caller holds
         ``_append_lock``."""
-        want = max(end, min(self._max_segment, max(2 * seg.allocated, _FIRST_ALLOCATION)))
+        grown = max(2 * seg.allocated, _FIRST_ALLOCATION)
+        # Past max_segment_bytes (a roll-over failed) the map keeps doubling: O(1) amortized.
+        want = max(end, grown if end > self._max_segment else min(self._max_segment, grown))
         try:
             os.posix_fallocate(seg.fd, seg.allocated, want - seg.allocated)
             writer = mmap.mmap(seg.fd, want, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, trackfd=False)
@@ -772,13 +796,27 @@ class KvStore:
             seg.durable = seg.size
 
     def _roll_over(self) -> None:
-        """Seal the active segment and start the next one. Caller holds ``_append_lock``."""
+        """Start the next segment, then seal the active one. Caller holds ``_append_lock``.
+
+        Creating first means the likelier failure (no descriptor or inode left) changes
+        nothing: the old segment stays active and mapped. A failed seal discards the new,
+        empty segment and the old one stays active (its next append maps it again)."""
         old = self._active
+        new = self._create_segment(segments.gen(segments.major_of(old.gen) + 1))
         try:
             self._seal(old)
         except OSError as exc:
+            del self._segments[new.gen]
+            del self._by_fd[new.fd]
+            os.close(new.fd)
+            new.path.unlink(missing_ok=True)
             raise KvsError(f"cannot seal {old.path}: {exc.strerror}") from None
-        self._active = self._create_segment(segments.gen(segments.major_of(old.gen) + 1))
+        self._active = new
+        self._roll_at = self._max_segment
+        if self._roll_failures:
+            log.warning("%s: segment roll-over works again after %d failed attempts",
+                        self.path, self._roll_failures)
+            self._roll_failures = 0
         with self._sync_cond:
             self._sync_cond.notify_all()
 
@@ -842,57 +880,73 @@ class KvStore:
             try:
                 self.compact()
                 backoff = 1.0
-            except Exception:
-                log.exception("compaction of %s failed; retrying in %.0f s", self.path, backoff)
+            except Exception as exc:
+                if isinstance(exc, KvsError):  # an expected failure: one line says it all
+                    log.error("%s; retrying in %.0f s", exc, backoff)
+                else:
+                    log.exception("compaction of %s failed; retrying in %.0f s", self.path, backoff)
                 if self._stopping.wait(backoff):
                     return
                 backoff = min(backoff * 2, 60.0)
 
     def compact(self) -> None:
         """Merge every sealed segment into new ones holding only live records (runs in the
-        calling thread; the background compactor calls this too)."""
+        calling thread; the background compactor calls this too).
+
+        A failure (no descriptor left, a full disk, ...) raises ``KvsError`` and loses no
+        record: each one is still in an input or an output segment, and the next compaction
+        merges both."""
         with self._compact_lock:
             self._check_open()
-            with self._append_lock:
-                self._roll_over()
-                active_gen = self._active.gen
-                inputs = [s for g, s in sorted(self._segments.items()) if g != active_gen]
-            if not inputs:
-                return
-            major = segments.major_of(inputs[-1].gen)
-            outputs = _CompactionOutput(self, major)
             try:
-                for seg in inputs:
-                    self._copy_live_records(seg, outputs)
-                outputs.finish()
-            finally:
-                # Even after a failure the outputs stay: index entries may point into them
-                # (each record was written before its entry was swapped), and the inputs are
-                # kept too, so every record still exists on disk; a later compaction merges
-                # both. Files still named *.tmp are dropped at the next open, which replays
-                # the inputs.
-                with self._append_lock:
-                    for seg in outputs.segments:
-                        self._segments[seg.gen] = seg
-                        self._by_fd[seg.fd] = seg
-                        self._total_bytes += seg.size
-            # Outputs and hints are durable; from here on the inputs are redundant.
-            marker = self.path / segments.marker_name(major)
-            _write_durable(marker, b"")
-            self._readers.grace_period()
-            with self._append_lock:
-                for seg in inputs:
-                    del self._segments[seg.gen]
-                    del self._by_fd[seg.fd]
-                    self._total_bytes -= seg.size
+                self._compact_sealed_segments()
+            except OSError as exc:
+                where = f" ({exc.filename})" if exc.filename else ""
+                raise KvsError(f"compaction of {self.path} failed: {exc.strerror or exc}{where}; "
+                               "no record is lost and the next compaction retries") from exc
+
+    def _compact_sealed_segments(self) -> None:
+        """The body of ``compact``. Caller holds ``_compact_lock``."""
+        with self._append_lock:
+            self._roll_over()
+            active_gen = self._active.gen
+            inputs = [s for g, s in sorted(self._segments.items()) if g != active_gen]
+        if not inputs:
+            return
+        major = segments.major_of(inputs[-1].gen)
+        outputs = _CompactionOutput(self, major)
+        try:
             for seg in inputs:
-                os.close(seg.fd)
-                seg.path.unlink(missing_ok=True)
-                (self.path / segments.hint_name(seg.gen)).unlink(missing_ok=True)
-            marker.unlink()
-            fsync_dir(self.path)
-            self.compactions += 1
-            log.debug("compacted %s: %d segments into %d", self.path, len(inputs), len(outputs.segments))
+                self._copy_live_records(seg, outputs)
+            outputs.finish()
+        finally:
+            # Even after a failure the outputs stay: index entries may point into them
+            # (each record was written before its entry was swapped), and the inputs are
+            # kept too, so every record still exists on disk; a later compaction merges
+            # both. Files still named *.tmp are dropped at the next open, which replays
+            # the inputs.
+            with self._append_lock:
+                for seg in outputs.segments:
+                    self._segments[seg.gen] = seg
+                    self._by_fd[seg.fd] = seg
+                    self._total_bytes += seg.size
+        # Outputs and hints are durable; from here on the inputs are redundant.
+        marker = self.path / segments.marker_name(major)
+        _write_durable(marker, b"")
+        self._readers.grace_period()
+        with self._append_lock:
+            for seg in inputs:
+                del self._segments[seg.gen]
+                del self._by_fd[seg.fd]
+                self._total_bytes -= seg.size
+        for seg in inputs:
+            os.close(seg.fd)
+            seg.path.unlink(missing_ok=True)
+            (self.path / segments.hint_name(seg.gen)).unlink(missing_ok=True)
+        marker.unlink()
+        fsync_dir(self.path)
+        self.compactions += 1
+        log.debug("compacted %s: %d segments into %d", self.path, len(inputs), len(outputs.segments))
 
     def _copy_live_records(self, seg: _Segment, out: _CompactionOutput) -> None:
         """Copy the records of ``seg`` that the index still points to, swapping each entry."""
@@ -924,18 +978,15 @@ class _CompactionOutput:
         self.major = major
         self.segments: list[_Segment] = []
         self._hints: list[list[bytes]] = []
-        self._tmp_paths: list[Path] = []
         self._current: _Segment | None = None
 
     def _next_segment(self) -> _Segment:
         g = segments.gen(self.major, len(self.segments) + 1)
-        final = self.store.path / segments.log_name(g)
-        tmp = final.with_name(final.name + ".tmp")
+        tmp = self.store.path / (segments.log_name(g) + ".tmp")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        seg = _Segment(g, final, fd, 0)
+        seg = _Segment(g, tmp, fd, 0)  # finish renames it; until then its path is the .tmp
         self.segments.append(seg)
         self._hints.append([])
-        self._tmp_paths.append(tmp)
         return seg
 
     def add(self, rec: bytes, key: bytes) -> int:
@@ -953,13 +1004,15 @@ class _CompactionOutput:
 
     def finish(self) -> None:
         """Make every output and hint file durable and give them their final names."""
-        for seg, entries, tmp in zip(self.segments, self._hints, self._tmp_paths):
+        for seg, entries in zip(self.segments, self._hints):
             os.fsync(seg.fd)
             seg.durable = seg.size
             hint_tmp = self.store.path / (segments.hint_name(seg.gen) + ".tmp")
             hints.write_hint_file(str(hint_tmp), entries, len(entries))
             os.replace(hint_tmp, self.store.path / segments.hint_name(seg.gen))
-            os.replace(tmp, seg.path)
+            final = self.store.path / segments.log_name(seg.gen)
+            os.replace(seg.path, final)
+            seg.path = final
         fsync_dir(self.store.path)
         self._hints = []
 

@@ -13,7 +13,8 @@ Design, ``io_model="dispatch"`` (readiness dispatch with one-shot epoll):
   thread at all: with N pool threads, thousands of idle clients wait in the kernel while the
   next active one is served at once. A pipelining client gets up to 16 batches per turn.
 - Limits: ``max_connections`` (further connections are accepted and closed at once with a
-  warning), frame and key/value sizes (enforced by the protocol decoders before allocating),
+  warning; out of descriptors, new ones wait in the listen backlog, see
+  ``_pause_accepting``; ``kvs-server`` raises its open-file limit to fit), frame and key/value sizes (enforced by the protocol decoders before allocating),
   ``frame_timeout`` for a half-sent request (checked by the I/O thread on idle connections),
   ``send_timeout`` for a client that stops reading.
 - ``shutdown()`` (from any thread): the I/O thread stops accepting, closes idle connections,
@@ -83,6 +84,8 @@ IO_MODELS = ("leader-followers", "dispatch")
 _ARM = select.EPOLLIN | select.EPOLLONESHOT | select.EPOLLRDHUP  # dispatch: one event per arming
 _ARM_EDGE = select.EPOLLIN | select.EPOLLET | select.EPOLLRDHUP  # leader-followers: stays armed
 _EVENTS_PER_WAIT = 4  # leader-followers: ready connections one pool thread takes per epoll_wait
+# accept() errors that pause accepting (_pause_accepting) rather than fail one connection
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class KvsServer:
@@ -147,6 +150,12 @@ class KvsServer:
         self._pollers = 0  # leader-followers loops still running; guarded by _drained
         self._local = threading.local()  # .poller: this thread runs a leader-followers loop
         self._connections: dict[int, Connection] = {}
+        # Out of descriptors, accept() fails while the listener stays readable: the epoll set
+        # holding the listener stops watching it until the next sweep (_pause_accepting)
+        # instead of spinning. Both only touched by the accepting thread.
+        self._listener_ep: select.epoll | None = None
+        self._accept_paused = False
+        self._accept_failures = 0  # failed accepts since the last one that worked
         self._stopping = False
         self._running = threading.Event()
         self._stopped = threading.Event()
@@ -236,6 +245,7 @@ class KvsServer:
         lfd = self._listener.fileno()
         ep.register(lfd, select.EPOLLIN)
         ep.register(self._wake_fd, select.EPOLLIN)
+        self._listener_ep = ep
         conns = self._connections
         spawn = self.pool.spawn
         fanout = max(1, getattr(self.pool, "threads", 1))
@@ -286,6 +296,7 @@ class KvsServer:
         lfd = self._listener.fileno()
         io_ep.register(lfd, select.EPOLLIN)
         io_ep.register(self._wake_fd, select.EPOLLIN)
+        self._listener_ep = io_ep
         self._epoll.register(self._stop_fd, select.EPOLLIN)
         tick = min(1.0, self.frame_timeout / 4)
         next_sweep = time.monotonic() + tick
@@ -347,9 +358,15 @@ class KvsServer:
                 sock, peer_addr = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: log, keep serving the others
-                log.warning("accept failed: %s", exc.strerror)
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._pause_accepting(exc)
+                else:  # a connection that failed on its way in (ECONNABORTED, ...)
+                    log.debug("accept failed: %s", exc.strerror)
                 return
+            if self._accept_failures:
+                log.info("accepting connections again (%d accepts had failed)", self._accept_failures)
+                self._accept_failures = 0
             peer = f"{peer_addr[0]}:{peer_addr[1]}"
             if len(self._connections) >= self.max_connections:
                 log.warning("refusing connection from %s: %d connections is the limit", peer, self.max_connections)
@@ -367,12 +384,31 @@ class KvsServer:
         except BlockingIOError:
             pass
 
+    def _pause_accepting(self, exc: OSError) -> None:
+        """accept() failed for want of descriptors or memory: the pending connection stays
+        in the backlog and the listener stays readable, so polling it again at once would
+        spin. Stop watching it until the next sweep (at most a second away), which tries
+        again; the failure is logged once until an accept succeeds."""
+        self._accept_failures += 1
+        if self._accept_failures == 1:
+            log.warning("accept failed: %s; new connections wait in the backlog until "
+                        "descriptors are free (%d connections open)", exc.strerror, len(self._connections))
+        try:
+            self._listener_ep.modify(self._listener.fileno(), 0)
+            self._accept_paused = True
+        except (OSError, ValueError):
+            pass
+
     def _sweep_if_due(self, next_sweep: float, tick: float) -> float:
-        """Run :meth:`_close_stalled` when ``next_sweep`` has come; the next sweep's time."""
+        """Run :meth:`_close_stalled` (and resume a paused accept) when ``next_sweep`` has
+        come; the next sweep's time."""
         now = time.monotonic()
         if now < next_sweep:
             return next_sweep
         self._close_stalled(now)
+        if self._accept_paused:
+            self._accept_paused = False
+            self._listener_ep.modify(self._listener.fileno(), select.EPOLLIN)
         return now + tick
 
     def _close_stalled(self, now: float) -> None:
