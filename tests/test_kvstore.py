@@ -661,6 +661,37 @@ def test_a_full_disk_fails_the_write_and_stores_nothing(tmp_path: Path, monkeypa
         assert all(store.get(f"key{i}") == "v" * 100 for i in range(failed_at))
 
 
+def test_writes_ask_whether_a_compaction_is_due_rarely_and_never_late(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Live data far past twice compaction_threshold: stale bytes pass the threshold long
+    before they are compaction_ratio of the log. Writes must not ask whether a compaction
+    is due on every write from then on (a method call under the append lock), and the
+    compactor must still be woken by the very write that makes the compaction due."""
+    store = KvStore.open(tmp_path, background_compaction=False, compaction_threshold=4096,
+                         compaction_ratio=0.5)
+    for i in range(2000):
+        store.set(f"live{i:05d}", "v" * 100)
+    real_due = KvStore._compaction_due
+    asked = [0]
+
+    def counting_due(self: KvStore) -> bool:
+        asked[0] += 1
+        return real_due(self)
+
+    monkeypatch.setattr(KvStore, "_compaction_due", counting_due)
+    writes = 0
+    while not store._compaction_wanted.is_set():
+        assert not real_due(store), "a compaction was due and nobody woke the compactor"
+        store.set(f"live{writes % 100:05d}", f"overwritten {writes} " + "w" * 90)
+        writes += 1
+        assert writes < 20000
+    assert real_due(store)
+    assert writes > 1000 and asked[0] <= 30, (writes, asked[0])
+    store.compact()  # and after a compaction the writes ask again
+    assert not real_due(store)
+    store.close()
+
+
 def test_a_failing_roll_over_keeps_writing_into_the_active_segment(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Out of file descriptors, no new segment can be created: writes go on into the active

@@ -100,6 +100,7 @@ _CRC_RESIDUE = record.CRC_RESIDUE
 _crc32 = zlib.crc32
 _pread = os.pread
 _FIRST_ALLOCATION = 1 << 20  # the active segment's first extension (then doubling)
+_NEVER = float("inf")  # a _stale_mark no store reaches
 _SHARED_COUNTS = shared_count_view()  # see kvs.freethreading.share_fresh; None when not needed
 
 
@@ -265,6 +266,9 @@ class KvStore:
         share_fresh(self._reader_local)
         self._compact_lock = threading.Lock()
         self._compaction_wanted = threading.Event()
+        # Stale bytes at which _append next asks whether a compaction is due (see
+        # _maybe_want_compaction); under _append_lock.
+        self._stale_mark: float = compaction_threshold
         self._stopping = threading.Event()
         self._sync_cond = threading.Condition()
         self._syncing = False
@@ -743,8 +747,8 @@ class KvStore:
             self._live_bytes = live = self._live_bytes + live_delta
             if end >= self._roll_at:
                 self._try_roll_over(seg, end)
-            if total - live >= self._compaction_threshold and not self._compaction_wanted.is_set():
-                self._maybe_want_compaction()  # rare: stale bytes are past the threshold
+            if total - live >= self._stale_mark:
+                self._maybe_want_compaction()  # rare: see there
         return seg, offset
 
     def _try_roll_over(self, seg: _Segment, end: int) -> None:
@@ -860,10 +864,23 @@ class KvStore:
         return stale >= self._compaction_threshold and stale >= self._compaction_ratio * self._total_bytes
 
     def _maybe_want_compaction(self) -> None:
-        """Wake the compactor when a compaction is due (``_append`` calls this only once
-        stale bytes pass the threshold, so the common write pays one comparison)."""
+        """Wake the compactor when a compaction is due, else move ``_stale_mark`` to the
+        fewest stale bytes at which one can next be due. Caller holds ``_append_lock`` (or
+        is ``open``).
+
+        A compaction is due when stale bytes reach both ``compaction_threshold`` and
+        ``compaction_ratio`` of all bytes. All bytes only grow until the next compaction,
+        so none can be due before stale bytes reach ``max(threshold, ratio * total now)``:
+        ``_append`` compares one number per write and calls this a few times per
+        compaction cycle. (Comparing with the threshold alone called it on every write of
+        a store holding over twice the threshold in live data, under the append lock.)
+        Once it has woken the compactor the mark is out of reach until the compaction ends
+        (``compact`` resets it)."""
         if self._compaction_due():
+            self._stale_mark = _NEVER
             self._compaction_wanted.set()
+        else:
+            self._stale_mark = max(self._compaction_threshold, self._compaction_ratio * self._total_bytes)
 
     def _compactor(self) -> None:
         """The background compaction thread: waits for the trigger, compacts, repeats."""
@@ -874,8 +891,10 @@ class KvStore:
                 return
             self._compaction_wanted.clear()
             if not self._compaction_due():
-                # Writers set the trigger during the previous compaction, when the log still
-                # counted its inputs and outputs: re-check against the sizes of now.
+                # Set on sizes that a compaction has changed since (a manual one, say):
+                # the next write asks again.
+                with self._append_lock:
+                    self._stale_mark = self._compaction_threshold
                 continue
             try:
                 self.compact()
@@ -904,6 +923,9 @@ class KvStore:
                 where = f" ({exc.filename})" if exc.filename else ""
                 raise KvsError(f"compaction of {self.path} failed: {exc.strerror or exc}{where}; "
                                "no record is lost and the next compaction retries") from exc
+            finally:
+                with self._append_lock:  # the next write asks again, with the sizes of now
+                    self._stale_mark = self._compaction_threshold
 
     def _compact_sealed_segments(self) -> None:
         """The body of ``compact``. Caller holds ``_compact_lock``."""
