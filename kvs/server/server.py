@@ -14,7 +14,8 @@ Design, ``io_model="dispatch"`` (readiness dispatch with one-shot epoll):
   next active one is served at once. A pipelining client gets up to 16 batches per turn.
 - Limits: ``max_connections`` (further connections are accepted and closed at once with a
   warning; out of descriptors, new ones wait in the listen backlog, see
-  ``_pause_accepting``; ``kvs-server`` raises its open-file limit to fit), frame and key/value sizes (enforced by the protocol decoders before allocating),
+  ``_pause_accepting``; ``kvs-server`` raises its open-file limit to fit), frame and
+  key/value sizes (enforced by the protocol decoders before allocating),
   ``frame_timeout`` for a half-sent request (checked by the I/O thread on idle connections),
   ``send_timeout`` for a client that stops reading.
 - ``shutdown()`` (from any thread): the I/O thread stops accepting, closes idle connections,
