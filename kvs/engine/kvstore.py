@@ -756,8 +756,8 @@ class KvStore:
         That write has succeeded whatever happens here. When the roll-over fails (no file
         descriptor left, a full directory, ...), ``seg`` stays active and the next attempt
         waits until another ``max_segment_bytes`` have been written: a lasting failure costs
-        one failed ``open`` per segment of data, not one per write, and logs once. Caller
-        holds ``_append_lock``."""
+        one seal, re-map and failed ``open`` per segment of data, not per write, and logs
+        once. Caller holds ``_append_lock``."""
         try:
             self._roll_over()
         except KvsError as exc:
@@ -800,22 +800,21 @@ class KvStore:
             seg.durable = seg.size
 
     def _roll_over(self) -> None:
-        """Start the next segment, then seal the active one. Caller holds ``_append_lock``.
+        """Seal the active segment, then start the next one. Caller holds ``_append_lock``.
 
-        Creating first means the likelier failure (no descriptor or inode left) changes
-        nothing: the old segment stays active and mapped. A failed seal discards the new,
-        empty segment and the old one stays active (its next append maps it again)."""
+        Sealing first is what makes a kill -9 safe: until the next segment exists, the
+        active one is the newest, and only the newest segment's unwritten (zero) tail is
+        cut at open; a sealed segment followed by a newer one must end at its last record.
+        (Creating first and being killed before the seal left a zero tail in a segment
+        that was no longer the newest: open then refused the store as corrupt.) When the
+        seal or the creation fails, the sealed segment stays active and its next append
+        maps it again."""
         old = self._active
-        new = self._create_segment(segments.gen(segments.major_of(old.gen) + 1))
         try:
             self._seal(old)
         except OSError as exc:
-            del self._segments[new.gen]
-            del self._by_fd[new.fd]
-            os.close(new.fd)
-            new.path.unlink(missing_ok=True)
             raise KvsError(f"cannot seal {old.path}: {exc.strerror}") from None
-        self._active = new
+        self._active = self._create_segment(segments.gen(segments.major_of(old.gen) + 1))
         self._roll_at = self._max_segment
         if self._roll_failures:
             log.warning("%s: segment roll-over works again after %d failed attempts",
