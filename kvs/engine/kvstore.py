@@ -890,22 +890,26 @@ class KvStore:
                 return
             self._compaction_wanted.clear()
             if not self._compaction_due():
-                # Set on sizes that a compaction has changed since (a manual one, say):
-                # the next write asks again.
-                with self._append_lock:
-                    self._stale_mark = self._compaction_threshold
+                # Set on sizes that a compaction has changed since (a manual one, say).
+                self._rearm_compaction_trigger()
                 continue
             try:
                 self.compact()
                 backoff = 1.0
-            except Exception as exc:
-                if isinstance(exc, KvsError):  # an expected failure: one line says it all
-                    log.error("%s; retrying in %.0f s", exc, backoff)
-                else:
-                    log.exception("compaction of %s failed; retrying in %.0f s", self.path, backoff)
-                if self._stopping.wait(backoff):
-                    return
-                backoff = min(backoff * 2, 60.0)
+                continue
+            except KvsError as exc:  # an expected failure: one line says it all
+                log.error("%s; retrying in %.0f s", exc, backoff)
+            except Exception:
+                log.exception("compaction of %s failed; retrying in %.0f s", self.path, backoff)
+            if self._stopping.wait(backoff):
+                return
+            backoff = min(backoff * 2, 60.0)
+
+    def _rearm_compaction_trigger(self) -> None:
+        """Let the next write ask again whether a compaction is due, with the sizes of then
+        (after a compaction, or a trigger that one made stale)."""
+        with self._append_lock:
+            self._stale_mark = self._compaction_threshold
 
     def compact(self) -> None:
         """Merge every sealed segment into new ones holding only live records (runs in the
@@ -923,8 +927,7 @@ class KvStore:
                 raise KvsError(f"compaction of {self.path} failed: {exc.strerror or exc}{where}; "
                                "no record is lost and the next compaction retries") from exc
             finally:
-                with self._append_lock:  # the next write asks again, with the sizes of now
-                    self._stale_mark = self._compaction_threshold
+                self._rearm_compaction_trigger()
 
     def _compact_sealed_segments(self) -> None:
         """The body of ``compact``. Caller holds ``_compact_lock``."""
