@@ -343,6 +343,43 @@ class RespDecoder:
         self._need = 0
         self._error: RespProtocolError | None = None
 
+    def parse_single(self, data: bytes) -> list[bytes] | None:
+        """The fast path of :meth:`feed` for a client that waits for each reply: when nothing
+        is held back and ``data`` is exactly one whole array of two or three bulk strings of
+        at most 4096 bytes (the bulk limit permitting), none holding CR LF, its arguments,
+        exactly what ``feed(data)`` would return as its one command, and the decoder is left
+        as ``feed`` would leave it (empty). Otherwise None, nothing consumed: use ``feed``.
+
+        Exact for the same reason as :func:`_split_commands`: with the parts of
+        ``data.split(b"\\r\\n")`` numbering exactly ``2 + 2 * argc``, each ``$M`` line a whole
+        canonical part and each argument a part of exactly ``M`` bytes, the last part empty,
+        these are the bytes the general parser reads, up to the end of ``data``. One
+        ``split`` and a few comparisons replace ``feed``'s general machinery: the request of
+        every redis-benchmark round trip that is not pipelined."""
+        if self._buf or self._error is not None or type(data) is not bytes:
+            return None
+        parts = data.split(b"\r\n")
+        count = len(parts)
+        if count != 6 and count != 8 or parts[-1]:
+            return None
+        bulks = _BULK_LINES
+        max_bulk = self.max_bulk_bytes
+        try:  # a subscript, not .get (see _split_commands); a miss is not canonical
+            if count == 6:
+                a, b = parts[2], parts[4]
+                if (parts[0] != b"*2" or bulks[parts[1]] != len(a) or bulks[parts[3]] != len(b)
+                        or len(b) > max_bulk or len(a) > max_bulk or self.max_array_len < 2):
+                    return None
+                return [a, b]
+            a, b, c = parts[2], parts[4], parts[6]
+            if (parts[0] != b"*3" or bulks[parts[1]] != len(a) or bulks[parts[3]] != len(b)
+                    or bulks[parts[5]] != len(c) or len(c) > max_bulk or len(b) > max_bulk
+                    or len(a) > max_bulk or self.max_array_len < 3):
+                return None
+            return [a, b, c]
+        except KeyError:
+            return None
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[list[bytes] | RespProtocolError]:
         """Append ``data``; return every command it completes, in order, each a list of
         ``bytes`` (the command name as sent, not case-folded). Raises a fatal

@@ -461,6 +461,58 @@ def test_split_fast_path_then_general_parser_equals_the_general_parser(seed: int
             assert (fast + rest_items, rest_end) == want, data
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_single_command_fast_path_equals_feed(seed: int) -> None:
+    """RespDecoder.parse_single (the server's path for one whole GET or SET) returns exactly
+    the one command that feed returns for the same bytes, leaving the decoder as feed would
+    (empty), or None; valid, damaged, truncated and multi-command inputs, at several limits."""
+    rng = random.Random(seed)
+    limits = [(64, 8, 48), (1 << 20, 1 << 20, 1 << 16), (5, 2, 48), (4096, 3, 48)]
+    argument = [b"GET", b"SET", b"get", b"", b"a\r\nb", b"\r\n", b"\r", b"\xff", b"x" * 4096, b"x" * 4097]
+    taken = 0
+    for _ in range(500):
+        args = [rng.choice(argument + [rng.randbytes(rng.randrange(0, 9))]) for _ in range(rng.randrange(1, 5))]
+        data = command(*args)
+        r = rng.random()
+        if r < 0.3:
+            data = mutate(data, rng)
+        elif r < 0.4:
+            data = data[: rng.randrange(len(data) + 1)]
+        elif r < 0.5:
+            data += rng.choice([command("GET", "k"), b"GET k\r\n", b"*", b"\r\n"])
+        for max_bulk, max_array, max_inline in limits:
+            make = lambda: RespDecoder(max_bulk_bytes=max_bulk, max_array_len=max_array,  # noqa: E731
+                                       max_inline_bytes=max_inline)
+            decoder = make()
+            single = decoder.parse_single(data)
+            if single is None:
+                continue
+            taken += 1
+            assert outcome(make, [data]) == ([single], None, 0), data
+            assert all(type(a) is bytes for a in single)
+            assert decoder.pending_bytes == 0 and decoder.failed is None
+            assert decoder.feed(command("GET", "z")) == [[b"GET", b"z"]]
+    assert taken > 100  # the inputs do reach the fast path
+
+
+def test_single_command_fast_path_declines_what_it_does_not_take() -> None:
+    assert RespDecoder().parse_single(command("GET", "k")) == [b"GET", b"k"]
+    assert RespDecoder().parse_single(command("SET", "k", "v")) == [b"SET", b"k", b"v"]
+    assert RespDecoder().parse_single(command("PING")) is None  # one argument
+    assert RespDecoder().parse_single(command("DEL", "a", "b", "c")) is None  # four
+    assert RespDecoder().parse_single(command("GET", "k") * 2) is None  # two commands
+    assert RespDecoder().parse_single(b"GET k\r\n") is None  # inline
+    assert RespDecoder().parse_single(bytearray(command("GET", "k"))) is None  # not bytes
+    assert RespDecoder(max_bulk_bytes=3).parse_single(command("GET", "abcd")) is None  # over the limit
+    held = RespDecoder()
+    assert held.feed(b"*2\r\n$3\r\nGET\r\n") == []  # a command held back: feed must finish it
+    assert held.parse_single(command("GET", "k")) is None
+    failed = RespDecoder()
+    with pytest.raises(RespProtocolError):
+        failed.feed(b"*x\r\n")
+    assert failed.parse_single(command("GET", "k")) is None
+
+
 def _general_parse_from(data: bytes, start: int, max_bulk: int, max_array: int, max_inline: int) -> tuple[list, int | str]:
     try:
         items, pos, _need = resp_module._parse_commands(data, start, len(data), max_bulk, max_array, max_inline)

@@ -208,3 +208,33 @@ def test_protocols_can_be_turned_off(tmp_path: Path) -> None:
         r.close()
     finally:
         only_resp.stop()
+
+
+def test_one_whole_get_or_set_is_answered_exactly_as_by_the_general_path(tmp_path: Path) -> None:
+    """RespSession.handle answers one whole GET or SET itself (no feed, no batch, no loop):
+    its replies, its command count and what it stores are those of the general path, for
+    hits, misses, case variants, non-UTF-8 and over-limit arguments, options and a closed
+    store."""
+    from types import SimpleNamespace
+
+    from kvs.resp import RespDecoder
+    from kvs.server.resp_session import RespSession
+
+    engine = KvStore.open(tmp_path / "data", max_key_bytes=16, max_value_bytes=32)
+    server = SimpleNamespace(engine=engine, max_key_bytes=16, max_value_bytes=32)
+    fast, general = RespSession(server, "fast"), RespSession(server, "general")  # type: ignore[arg-type]
+    cases = [command("SET", "k", "v"), command("GET", "k"), command("get", "k"), command("GET", "missing"),
+             command("Get", "k"), command("set", "k", "w"), command("GET", "k"), command("SET", b"k\xff", "v"),
+             command("SET", "k", b"\xfe"), command("GET", b"\xff"), command("SET", "k" * 17, "v"),
+             command("SET", "k", "v" * 33), command("GET", "k" * 17), command("ECHO", "hi"),
+             command("SET", "k", "v", "NX"), command("SET", "", ""), command("GET", "")]
+    for data in cases:
+        assert fast.decoder.parse_single(data) is not None or data.startswith(b"*4")
+        want = general.execute(RespDecoder().feed(data))
+        assert fast.handle(data) == want, data
+    assert fast.commands == general.commands == len(cases)
+    assert engine.get("k") == "w" and engine.get("") == ""
+    engine.close()
+    for data in (command("GET", "k"), command("SET", "k", "v")):
+        want = general.execute(RespDecoder().feed(data))
+        assert want.startswith(b"-ERR") and fast.handle(data) == want
