@@ -49,6 +49,7 @@ Durability (``fsync=``)
 
 from __future__ import annotations
 
+import array
 import contextlib
 import logging
 import mmap
@@ -100,6 +101,7 @@ _CRC_RESIDUE = record.CRC_RESIDUE
 _crc32 = zlib.crc32
 _pread = os.pread
 _FIRST_ALLOCATION = 1 << 20  # the active segment's first extension (then doubling)
+_TOTAL, _LIVE = 0, 1  # indexes of KvStore._sizes
 _NEVER = float("inf")  # a _stale_mark no store reaches
 _SHARED_COUNTS = shared_count_view()  # see kvs.freethreading.share_fresh; None when not needed
 
@@ -259,8 +261,13 @@ class KvStore:
         self._segments: dict[int, _Segment] = {}  # gen -> segment; under _append_lock
         self._by_fd: dict[int, _Segment] = {}     # fd -> segment; under _append_lock
         self._active: _Segment | None = None
-        self._total_bytes = 0  # bytes of all segments; under _append_lock
-        self._live_bytes = 0   # bytes of records the index points to; under _append_lock
+        # [_TOTAL]: bytes of all segments; [_LIVE]: bytes of the records the index points to.
+        # Under _append_lock. Machine integers in an array, not two int attributes: every
+        # write replaces both, and an int object made by one thread and dropped by another
+        # goes through CPython's biased-reference-count merge queue, whose mutex the owner
+        # thread takes too; inside the append lock that made contended writes several times
+        # slower (docs/free-threading.md, section 2c).
+        self._sizes = array.array("q", [0, 0])
         self._readers = ReaderRegistry()
         self._reader_local = self._readers.local
         share_fresh(self._reader_local)
@@ -318,8 +325,8 @@ class KvStore:
             self._active = last
         else:
             self._active = self._create_segment(segments.gen(next_major))
-        self._live_bytes = sum(_length(pos) for s in self._stripes for pos in s.values())
-        self._total_bytes = sum(s.size for s in self._segments.values())
+        self._sizes[_LIVE] = sum(_length(pos) for s in self._stripes for pos in s.values())
+        self._sizes[_TOTAL] = sum(s.size for s in self._segments.values())
         shards = [(stripe, cache) for stripe, cache in zip(self._stripes, self._caches)]
         for shard in shards:
             share_fresh(shard)
@@ -328,7 +335,7 @@ class KvStore:
         self._closed = False
         log.debug("opened %s: %d keys, %d segments, %d live of %d bytes", self.path,
                   sum(len(s) for s in self._stripes), len(self._segments),
-                  self._live_bytes, self._total_bytes)
+                  self._sizes[_LIVE], self._sizes[_TOTAL])
 
     def _open_segment_file(self, g: int, writable: bool) -> _Segment:
         path = self.path / segments.log_name(g)
@@ -463,7 +470,10 @@ class KvStore:
         try:
             pos = stripe[key]
         except KeyError:
-            self._check_key(key)  # a key that cannot exist may still be a caller's error
+            # A key that cannot exist may still be a caller's error; an ASCII key (str.isascii
+            # is a flag check) is valid whenever it is short enough, the common miss.
+            if not key.isascii() or len(key) > self._max_key:
+                self._check_key(key)
             return None
         try:
             hit = cache[key]
@@ -677,7 +687,7 @@ class KvStore:
         self._check_open()
         with self._append_lock:
             return {"keys": sum(len(s) for s in self._stripes), "segments": len(self._segments),
-                    "live_bytes": self._live_bytes, "total_bytes": self._total_bytes,
+                    "live_bytes": self._sizes[_LIVE], "total_bytes": self._sizes[_TOTAL],
                     "compactions": self.compactions}
 
     def close(self) -> None:
@@ -743,8 +753,9 @@ class KvStore:
                 self._allocate(seg, end)
             seg.writer[offset:end] = rec
             seg.size = end
-            self._total_bytes = total = self._total_bytes + n
-            self._live_bytes = live = self._live_bytes + live_delta
+            sizes = self._sizes
+            sizes[0] = total = sizes[0] + n  # _TOTAL
+            sizes[1] = live = sizes[1] + live_delta  # _LIVE
             if end >= self._roll_at:
                 self._try_roll_over(seg, end)
             if total - live >= self._stale_mark:
@@ -859,8 +870,9 @@ class KvStore:
 
     # ------------------------------------------------------------------ compaction
     def _compaction_due(self) -> bool:
-        stale = self._total_bytes - self._live_bytes
-        return stale >= self._compaction_threshold and stale >= self._compaction_ratio * self._total_bytes
+        total = self._sizes[_TOTAL]
+        stale = total - self._sizes[_LIVE]
+        return stale >= self._compaction_threshold and stale >= self._compaction_ratio * total
 
     def _maybe_want_compaction(self) -> None:
         """Wake the compactor when a compaction is due, else move ``_stale_mark`` to the
@@ -879,7 +891,7 @@ class KvStore:
             self._stale_mark = _NEVER
             self._compaction_wanted.set()
         else:
-            self._stale_mark = max(self._compaction_threshold, self._compaction_ratio * self._total_bytes)
+            self._stale_mark = max(self._compaction_threshold, self._compaction_ratio * self._sizes[_TOTAL])
 
     def _compactor(self) -> None:
         """The background compaction thread: waits for the trigger, compacts, repeats."""
@@ -953,7 +965,7 @@ class KvStore:
                 for seg in outputs.segments:
                     self._segments[seg.gen] = seg
                     self._by_fd[seg.fd] = seg
-                    self._total_bytes += seg.size
+                    self._sizes[_TOTAL] += seg.size
         # Outputs and hints are durable; from here on the inputs are redundant.
         marker = self.path / segments.marker_name(major)
         _write_durable(marker, b"")
@@ -962,7 +974,7 @@ class KvStore:
             for seg in inputs:
                 del self._segments[seg.gen]
                 del self._by_fd[seg.fd]
-                self._total_bytes -= seg.size
+                self._sizes[_TOTAL] -= seg.size
         for seg in inputs:
             os.close(seg.fd)
             seg.path.unlink(missing_ok=True)
