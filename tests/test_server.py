@@ -10,6 +10,7 @@ import random
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -565,6 +566,24 @@ def test_half_sent_frame_is_closed_after_frame_timeout(tmp_path: Path) -> None:
         finally:
             idle.close()
             stalled.close()
+
+
+def test_a_client_that_keeps_completing_requests_is_not_a_stall(tmp_path: Path) -> None:
+    """A connection that is in mid-frame at every sweep but completes a request each time
+    (its writes end halfway through the next one) is making progress: it outlives
+    frame_timeout several times over."""
+    with server_stack(tmp_path, frame_timeout=0.5) as server:
+        frame = encode_set("key", "value")
+        ok = b"\xcc\x01\x00\x00\x00\x00\x00\x00"
+        with connect(server.address) as s:
+            s.sendall(frame[:10])
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                time.sleep(0.2)
+                s.sendall(frame[10:] + frame[:10])  # completes one request, starts the next
+                assert s.recv(64) == ok
+            s.sendall(frame[10:])
+            assert s.recv(64) == ok
 
 
 @pytest.mark.parametrize("first", [b"\x00", b"\xff", b"\x01\x02\x03", b"\xcc\x01", b"\x80garbage"])

@@ -39,7 +39,6 @@ import logging
 import select
 import socket
 import threading
-import time
 from typing import TYPE_CHECKING
 
 from kvs.freethreading import share_attributes
@@ -82,7 +81,7 @@ class Connection:
     """A client connection of a :class:`~kvs.server.server.KvsServer`."""
 
     __slots__ = ("server", "sock", "fd", "peer", "session", "lock", "state", "pending", "partial_since",
-                 "__weakref__")
+                 "partial_commands", "__weakref__")
 
     def __init__(self, server: KvsServer, sock: socket.socket, peer: str) -> None:
         self.server = server
@@ -93,7 +92,11 @@ class Connection:
         self.lock = threading.Lock()
         self.state = IDLE
         self.pending = 0  # epoll events that came while AGAIN; under lock
-        self.partial_since = 0.0  # monotonic time a half-received frame started waiting
+        # Half-sent request tracking, only by the I/O thread's sweep (KvsServer._close_stalled):
+        # when it first saw this connection idle in mid-frame, and the session's command count
+        # then (a count that moved since means the client made progress).
+        self.partial_since = 0.0
+        self.partial_commands = 0
         share_attributes(self)  # read by pool threads while this (I/O) thread lives
 
     def claim(self, events: int = 0) -> bool:
@@ -172,11 +175,6 @@ class Connection:
             log.exception("internal error on the connection from %s", self.peer)
             self.close()
             return None
-        if session is not None and session.in_frame:
-            if not self.partial_since:
-                self.partial_since = time.monotonic()
-        elif self.partial_since:
-            self.partial_since = 0.0
         return drained
 
     def _send_all(self, data: bytes, start: int = 0) -> None:

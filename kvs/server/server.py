@@ -413,11 +413,30 @@ class KvsServer:
         return now + tick
 
     def _close_stalled(self, now: float) -> None:
-        """Close idle connections that sent part of a frame and then nothing for too long."""
+        """Close idle connections that sent part of a request and then completed none for
+        over ``frame_timeout``.
+
+        The sweep does the bookkeeping, so a request costs its connection nothing for it: an
+        ``IDLE`` connection's session is still (its last owner handed it back under the
+        connection's lock, a happens-before edge to this thread reading it), and one seen
+        in mid-frame is timed from that sweep on, until a sweep sees it out of the frame or
+        with more commands done. So a stall is closed between ``frame_timeout`` and
+        ``frame_timeout`` plus two sweep intervals after it began (the sweep interval is a
+        quarter of ``frame_timeout``, at most a second). A busy connection is skipped; the
+        close itself re-checks ``IDLE`` under the lock."""
         limit = self.frame_timeout
         for conn in list(self._connections.values()):
-            since = conn.partial_since
-            if since and now - since > limit and conn.close(only_if_idle=True):
+            session = conn.session
+            if conn.state != IDLE or session is None:
+                continue
+            if not session.in_frame:
+                conn.partial_since = 0.0
+                continue
+            commands = getattr(session, "commands", 0)
+            if not conn.partial_since or commands != conn.partial_commands:
+                conn.partial_since = now
+                conn.partial_commands = commands
+            elif now - conn.partial_since > limit and conn.close(only_if_idle=True):
                 log.warning("closed connection from %s: half-sent request for over %.0f s", conn.peer, limit)
 
     def _drain(self) -> None:
