@@ -581,31 +581,46 @@ class KvStore:
             for key, value in items:
                 self.set(key, value)
             return
-        recs = [self._encode_set(key, value) for key, value in items]
+        encode = self._encode_set
+        recs = [encode(key, value) for key, value in items]
         mask = self._mask
         stripe_ids = [hash(key) & mask for key, _value in items]
-        locks = [self._stripe_locks[i] for i in sorted(set(stripe_ids))]
+        stripe_locks = self._stripe_locks
+        locks = [stripe_locks[i] for i in sorted(set(stripe_ids))]
+        stripes = self._stripes
         blob = b"".join(recs)
         for lock in locks:
             lock.acquire()
         try:
             # Live bytes: each record replaces the key's current record, or the batch's
-            # earlier record of the same key.
+            # earlier record of the same key. (Index reads by subscript: see get.)
             latest: dict[str, int] = {}
             live_delta = 0
             for (key, _value), i, rec in zip(items, stripe_ids, recs):
-                old = latest.get(key)
-                if old is None:
-                    pos = self._stripes[i].get(key)
-                    old = 0 if pos is None else _length(pos)
-                latest[key] = len(rec)
-                live_delta += len(rec) - old
+                n = len(rec)
+                if key in latest:
+                    old = latest[key]
+                else:
+                    try:
+                        old = _length(stripes[i][key])
+                    except KeyError:
+                        old = 0
+                latest[key] = n
+                live_delta += n - old
             seg, offset = self._append(blob, len(blob), live_delta)
             fd = seg.fd
+            counts = _SHARED_COUNTS
             for (key, _value), i, rec in zip(items, stripe_ids, recs):
+                # _publish, inlined as in set
                 n = len(rec)
-                stripe = self._stripes[i]
-                self._publish(stripe, key, stripe.get(key), _pack(fd, offset, n))
+                pos = fd << 48 | offset << 16 | n if fd < 4096 and offset < 1 << 32 and n < 1 << 16 else _pack(fd, offset, n)
+                if counts is not None:
+                    counts[(id(pos) + 16) >> 3] = 1
+                stripe = stripes[i]
+                if key not in stripe:
+                    key = key.encode().decode()
+                    share_fresh_str(key)
+                stripe[key] = pos
                 offset += n
         finally:
             for lock in reversed(locks):
