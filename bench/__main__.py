@@ -1,7 +1,7 @@
 """scripts/bench: run the benchmark suites, show progress and tables, write JSON and plots.
 
     python -m bench [--quick] [--suite server|engine|pool|load|resp|all] [--gil both|off|on]
-                    [--out DIR]
+                    [--resp-threads N] [--out DIR]
 
 Each (suite, GIL mode) runs in a child process of its own, started with ``PYTHON_GIL=0`` or
 ``PYTHON_GIL=1`` (the same free-threaded binary, with and without the GIL). The child reports
@@ -33,24 +33,29 @@ ALL = ["pool", "engine", "server", "load", "resp"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_child(suite: str, quick: bool, out_file: str) -> int:
+def run_child(suite: str, quick: bool, out_file: str, resp_threads: int | None = None) -> int:
     """In the child process: run one suite, progress as JSON lines, records to ``out_file``."""
     module = importlib.import_module(SUITES[suite])
 
     def progress(done: int, total: int, description: str) -> None:
         print(json.dumps({"progress": [done, total, description]}), flush=True)
 
-    records = module.run(quick, progress)
+    if suite == "resp" and resp_threads:
+        records = module.run(quick, progress, kvs_threads=resp_threads)
+    else:
+        records = module.run(quick, progress)
     Path(out_file).write_text(json.dumps(records))
     return 0
 
 
-def run_suite(suite: str, gil: str, quick: bool, bar, task) -> list[dict]:
+def run_suite(suite: str, gil: str, quick: bool, bar, task, resp_threads: int | None = None) -> list[dict]:
     """In the parent: one child process for ``suite`` with the GIL ``gil`` ("off"/"on")."""
     env = dict(os.environ, PYTHON_GIL="1" if gil == "on" else "0")
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out_file = f.name
     cmd = [sys.executable, "-m", "bench", "--child", "--suite", suite, "--out", out_file] + (["--quick"] if quick else [])
+    if resp_threads:
+        cmd += ["--resp-threads", str(resp_threads)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -75,11 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", choices=[*SUITES, "all"], default="all")
     parser.add_argument("--gil", choices=["both", "off", "on"], default="both",
                         help="run with the GIL disabled, enabled, or both (default both)")
+    parser.add_argument("--resp-threads", type=int, default=None, metavar="N",
+                        help="kvs-server pool threads in the resp suite (default: one per CPU)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", metavar="DIR")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.resp_threads is not None and args.resp_threads < 1:
+        parser.error("--resp-threads must be at least 1")
     if args.child:
-        return run_child(args.suite, args.quick, str(args.out))
+        return run_child(args.suite, args.quick, str(args.out), args.resp_threads)
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -100,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             for gil in modes:  # off and on interleaved per suite: both see the same machine state
                 task = bar.add_task(f"{suite} (GIL {gil})", total=1)
                 t0 = time.monotonic()
-                records += run_suite(suite, gil, args.quick, bar, task)
+                records += run_suite(suite, gil, args.quick, bar, task, args.resp_threads)
                 seconds[f"{suite} (GIL {gil})"] = round(time.monotonic() - t0, 1)
                 bar.update(task, completed=bar.tasks[task].total)
     args.out.mkdir(parents=True, exist_ok=True)
