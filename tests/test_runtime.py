@@ -49,6 +49,6 @@ def test_hot_shared_dict_reads_never_use_dict_get() -> None:
     from kvs.server.server import KvsServer
 
     hot = [KvStore.get, resp._split_commands, resp._parse_commands, resp._strict_int,
-           KvsServer._poll_connections, KvsServer._io_loop]
+           resp.RespDecoder.parse_single, KvsServer._poll_connections, KvsServer._io_loop]
     for fn in hot:
         assert "get" not in fn.__code__.co_names, f"{fn.__qualname__} calls .get"

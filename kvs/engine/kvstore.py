@@ -593,18 +593,16 @@ class KvStore:
             lock.acquire()
         try:
             # Live bytes: each record replaces the key's current record, or the batch's
-            # earlier record of the same key. (Index reads by subscript: see get.)
+            # earlier record of the same key. (.get under the stripe locks, as in set: no
+            # other writer can be in these stripes, and readers never lock them.)
             latest: dict[str, int] = {}
             live_delta = 0
             for (key, _value), i, rec in zip(items, stripe_ids, recs):
                 n = len(rec)
-                if key in latest:
-                    old = latest[key]
-                else:
-                    try:
-                        old = _length(stripes[i][key])
-                    except KeyError:
-                        old = 0
+                old = latest.get(key)
+                if old is None:
+                    pos = stripes[i].get(key)
+                    old = 0 if pos is None else _length(pos)
                 latest[key] = n
                 live_delta += n - old
             seg, offset = self._append(blob, len(blob), live_delta)
