@@ -1077,6 +1077,41 @@ def _unshareable_in_owner(store: KvStore) -> list[str]:
     return bad
 
 
+def test_value_cache_entries_are_shareable_across_live_threads(stores: Callable[..., KvStore],
+                                                               tmp_path: Path) -> None:
+    """A reader fills the value cache with objects it made (key copy, value, entry tuple):
+    each is marked shareable before the dict store publishes it, so other threads' reads of
+    the cache stay on the lock-free path while that reader lives."""
+    _require_sharing()
+    store = stores(tmp_path, background_compaction=False)
+    for i in range(300):
+        store.set(f"key{i}", f"value{i}" * 3)
+    store.set("one", "v")  # a one-character value: an immortal singleton, left alone
+    results: dict[str, Any] = {}
+    release = threading.Event()
+
+    def reader() -> None:
+        for i in range(300):
+            assert store.get(f"key{i}") == f"value{i}" * 3
+        assert store.get("one") == "v"
+        bad = []
+        for cache in store._caches:  # checked here, in the owner (see _unshareable_in_owner)
+            for key, entry in list(cache.items()):
+                bad += [repr(o) for o in (key, entry, entry[1]) if not freethreading.is_shareable(o)]
+        results["bad"] = bad
+        results["cached"] = sum(len(c) for c in store._caches)
+        release.wait(30)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    try:
+        assert wait_until(lambda: "bad" in results)
+        assert results["cached"] == 301 and results["bad"] == []
+    finally:
+        release.set()
+        t.join(10)
+
+
 def test_index_objects_are_shareable_across_live_threads(stores: Callable[..., KvStore],
                                                          tmp_path: Path) -> None:
     _require_sharing()

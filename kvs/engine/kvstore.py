@@ -531,10 +531,14 @@ class KvStore:
             except (StopIteration, RuntimeError, KeyError):
                 pass  # raced with another eviction or insertion: fine
         key = kb.decode()
-        share_fresh_str(key)
-        share_fresh_str(value)
         entry = (pos, value)
-        share_fresh(entry)
+        counts = _SHARED_COUNTS
+        if counts is not None:  # share_fresh_str and share_fresh, inlined as in set
+            if len(key) > 1 or (key and ord(key) > 0xFF):  # not an immortal singleton
+                counts[(id(key) + 16) >> 3] = 1
+            if len(value) > 1 or (value and ord(value) > 0xFF):
+                counts[(id(value) + 16) >> 3] = 1
+            counts[(id(entry) + 16) >> 3] = 1
         cache[key] = entry
 
     def _check_key(self, key: str) -> None:
