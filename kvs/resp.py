@@ -300,7 +300,7 @@ def _split_commands(buf: bytes, max_bulk: int, max_array: int) -> tuple[list, in
             break
         if n > max_array or i + 2 * n >= last:
             break
-        if n == 3:  # SET key value, unrolled: a third of the loop's cost
+        if n == 3:  # SET key value, unrolled: half the loop's cost
             h1, a1, h2, a2, h3, a3 = parts[i + 1 : i + 7]
             try:
                 if bulks[h1] != len(a1) or bulks[h2] != len(a2) or bulks[h3] != len(a3):

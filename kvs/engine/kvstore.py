@@ -265,8 +265,8 @@ class KvStore:
         # Under _append_lock. Machine integers in an array, not two int attributes: every
         # write replaces both, and an int object made by one thread and dropped by another
         # goes through CPython's biased-reference-count merge queue, whose mutex the owner
-        # thread takes too; inside the append lock that made contended writes several times
-        # slower (docs/free-threading.md, section 2c).
+        # thread takes too; inside the append lock, that kept the lock held longer and
+        # doubled the other writer's spinning (docs/free-threading.md, section 2c).
         self._sizes = array.array("q", [0, 0])
         self._readers = ReaderRegistry()
         self._reader_local = self._readers.local
