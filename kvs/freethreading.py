@@ -90,10 +90,11 @@ def share_fresh(obj: object) -> None:
 
 
 def shared_count_view() -> "ctypes.Array[ctypes.c_int64] | None":
-    """For hot loops over objects the caller has just created (``open`` building the index,
-    ``KvStore.set``): the word array, or None when sharing is disabled. The caller stores 1 at
-    ``[(id(obj) + 16) >> 3]`` for each new, non-immortal object, under the contract of
-    :func:`share_fresh` (a brand-new object's shared count is 0, so no check is needed)."""
+    """For hot paths over objects the caller has just created (``open`` building the index,
+    the store's writes and value cache): the word array, or None when sharing is disabled.
+    The caller stores 1 at ``[(id(obj) + 16) >> 3]`` for each new, non-immortal object, under
+    the contract of :func:`share_fresh` (a brand-new object's shared count is 0, so no check
+    is needed)."""
     return _WORDS
 
 

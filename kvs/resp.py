@@ -383,7 +383,9 @@ class RespDecoder:
         every redis-benchmark round trip that is not pipelined."""
         if self._buf or self._error is not None or type(data) is not bytes:
             return None
-        parts = data.split(b"\r\n")
+        # At most 8 cuts: a pipelined batch is not split whole only to be declined (9 parts,
+        # the 9th the rest of the batch), and feed splits it once.
+        parts = data.split(b"\r\n", 8)
         count = len(parts)
         if count != 6 and count != 8 or parts[-1]:
             return None

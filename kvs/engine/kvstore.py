@@ -615,7 +615,7 @@ class KvStore:
             for (key, _value), i, rec in zip(items, stripe_ids, recs):
                 # _publish, inlined as in set
                 n = len(rec)
-                pos = fd << 48 | offset << 16 | n if fd < 4096 and offset < 1 << 32 and n < 1 << 16 else _pack(fd, offset, n)
+                pos = _pack(fd, offset, n)
                 if counts is not None:
                     counts[(id(pos) + 16) >> 3] = 1
                 stripe = stripes[i]
