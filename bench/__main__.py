@@ -1,7 +1,7 @@
 """scripts/bench: run the benchmark suites, show progress and tables, write JSON and plots.
 
     python -m bench [--quick] [--suite server|engine|pool|load|resp|all] [--gil both|off|on]
-                    [--resp-threads N] [--out DIR]
+                    [--resp-threads N] [--resp-scheduling batch|normal] [--out DIR]
 
 Each (suite, GIL mode) runs in a child process of its own, started with ``PYTHON_GIL=0`` or
 ``PYTHON_GIL=1`` (the same free-threaded binary, with and without the GIL). The child reports
@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from kvs.server.scheduling import SCHEDULING
+
 SUITES = {  # name: module with run(quick, progress) -> list[dict]
     "pool": "bench.pool_bench",
     "engine": "bench.engine_bench",
@@ -33,29 +35,36 @@ ALL = ["pool", "engine", "server", "load", "resp"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_child(suite: str, quick: bool, out_file: str, resp_threads: int | None = None) -> int:
+def resp_options(resp_threads: int | None, resp_scheduling: str | None) -> dict[str, object]:
+    """The resp suite's kvs-server options given on the command line, as ``run`` keywords."""
+    options: dict[str, object] = {}
+    if resp_threads:
+        options["kvs_threads"] = resp_threads
+    if resp_scheduling:
+        options["kvs_scheduling"] = resp_scheduling
+    return options
+
+
+def run_child(suite: str, quick: bool, out_file: str, options: dict[str, object]) -> int:
     """In the child process: run one suite, progress as JSON lines, records to ``out_file``."""
     module = importlib.import_module(SUITES[suite])
 
     def progress(done: int, total: int, description: str) -> None:
         print(json.dumps({"progress": [done, total, description]}), flush=True)
 
-    if suite == "resp" and resp_threads:
-        records = module.run(quick, progress, kvs_threads=resp_threads)
-    else:
-        records = module.run(quick, progress)
+    records = module.run(quick, progress, **(options if suite == "resp" else {}))
     Path(out_file).write_text(json.dumps(records))
     return 0
 
 
-def run_suite(suite: str, gil: str, quick: bool, bar, task, resp_threads: int | None = None) -> list[dict]:
+def run_suite(suite: str, gil: str, quick: bool, bar, task, resp_flags: list[str]) -> list[dict]:
     """In the parent: one child process for ``suite`` with the GIL ``gil`` ("off"/"on")."""
     env = dict(os.environ, PYTHON_GIL="1" if gil == "on" else "0")
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out_file = f.name
     cmd = [sys.executable, "-m", "bench", "--child", "--suite", suite, "--out", out_file] + (["--quick"] if quick else [])
-    if resp_threads:
-        cmd += ["--resp-threads", str(resp_threads)]
+    if suite == "resp":
+        cmd += resp_flags
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -82,13 +91,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="run with the GIL disabled, enabled, or both (default both)")
     parser.add_argument("--resp-threads", type=int, default=None, metavar="N",
                         help="kvs-server pool threads in the resp suite (default: one per CPU)")
+    parser.add_argument("--resp-scheduling", choices=SCHEDULING, default=None,
+                        help="kvs-server --scheduling in the resp suite (default: the server's, batch)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", metavar="DIR")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.resp_threads is not None and args.resp_threads < 1:
         parser.error("--resp-threads must be at least 1")
     if args.child:
-        return run_child(args.suite, args.quick, str(args.out), args.resp_threads)
+        return run_child(args.suite, args.quick, str(args.out), resp_options(args.resp_threads, args.resp_scheduling))
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -99,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=None if sys.stdout.isatty() else 200)
     suites = ALL if args.suite == "all" else [args.suite]
     modes = ["off", "on"] if args.gil == "both" else [args.gil]
+    resp_flags = ((["--resp-threads", str(args.resp_threads)] if args.resp_threads else [])
+                  + (["--resp-scheduling", args.resp_scheduling] if args.resp_scheduling else []))
     records: list[dict] = []
     before = metadata(quick=args.quick, suites=suites, gil_modes=modes)  # what ran before we did
     seconds: dict[str, float] = {}
@@ -109,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             for gil in modes:  # off and on interleaved per suite: both see the same machine state
                 task = bar.add_task(f"{suite} (GIL {gil})", total=1)
                 t0 = time.monotonic()
-                records += run_suite(suite, gil, args.quick, bar, task, args.resp_threads)
+                records += run_suite(suite, gil, args.quick, bar, task, resp_flags)
                 seconds[f"{suite} (GIL {gil})"] = round(time.monotonic() - t0, 1)
                 bar.update(task, completed=bar.tasks[task].total)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from bench.common import SMOKE, Progress, no_progress, record
+from kvs.server.scheduling import SCHEDULING
 from kvs.server.server import IO_MODELS
 
 SUITE = "resp"
@@ -78,7 +79,7 @@ def ensure_redis_tools() -> None:
 class Servers:
     """A Redis and a kvs-server, each in its own temporary directory."""
 
-    def __init__(self, kvs_threads: int, kvs_pool: str) -> None:
+    def __init__(self, kvs_threads: int, kvs_pool: str, kvs_scheduling: str) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="kvs-resp-bench-")
         base = Path(self.tmp.name)
         (base / "redis").mkdir()
@@ -92,7 +93,7 @@ class Servers:
         self.kvs = subprocess.Popen(
             [sys.executable, "-m", "kvs.cli.server", "--addr", f"127.0.0.1:{self.kvs_port}", "--data-dir", str(base / "kvs"),
              "--engine", "kvs", "--fsync", "interval", "--pool", kvs_pool, "--threads", str(kvs_threads),
-             "--log-level", "warning"],
+             "--scheduling", kvs_scheduling, "--log-level", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
         try:
             wait_for_port(self.redis_port, self.redis)
@@ -129,12 +130,12 @@ def redis_benchmark(port: int, test: str, requests: int, clients: int, pipeline:
 
 
 def run(quick: bool, progress: Progress = no_progress, kvs_threads: int | None = None,
-        kvs_pool: str = "shared-queue") -> list[dict]:
+        kvs_pool: str = "shared-queue", kvs_scheduling: str = SCHEDULING[0]) -> list[dict]:
     ensure_redis_tools()
     threads = kvs_threads or (os.cpu_count() or 1)
     rounds = 1 if quick else 5
     records: list[dict] = []
-    servers = Servers(threads, kvs_pool)
+    servers = Servers(threads, kvs_pool, kvs_scheduling)
     steps = [(label, c, p, test) for label, c, p in LINES for test in ("set", "get")]
     try:
         for i, (label, clients, pipeline, test) in enumerate(steps):
@@ -157,6 +158,7 @@ def run(quick: bool, progress: Progress = no_progress, kvs_threads: int | None =
                     SUITE, f"{test}", engine=server, pool=kvs_pool if server == "kvs" else None,
                     io_model=IO_MODELS[0] if server == "kvs" else None,
                     threads=threads if server == "kvs" else 1, ops_per_sec=rps,
+                    scheduling=kvs_scheduling if server == "kvs" else None,
                     p50_us=statistics.median(r["p50_ms"] for r in runs) * 1000,
                     p99_us=statistics.median(r["p99_ms"] for r in runs) * 1000,
                     connections=clients, pipeline=pipeline, command=label, reps=rounds))

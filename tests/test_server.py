@@ -6,6 +6,7 @@ server is stopped by the context manager that started it (tests/netutil.py).
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import struct
@@ -26,6 +27,7 @@ from kvs.protocol import (
     encode_set,
 )
 from kvs.server import KvsServer
+from kvs.server.scheduling import SCHEDULING
 from kvs.thread_pool import POOLS
 from tests.netutil import (
     DEADLINE,
@@ -676,3 +678,62 @@ def test_shutdown_from_inside_a_request_returns(tmp_path: Path, io_model: str) -
             server.shutdown(timeout=DEADLINE)
             t.join(DEADLINE)
             server.close()
+
+
+# ------------------------------------------------------------------------------ scheduling
+
+
+class _PolicyRecorder:
+    """An engine that records the scheduling policy of the thread running each GET."""
+
+    def __init__(self, engine: object) -> None:
+        self.engine = engine
+        self.policies: list[int] = []
+
+    def get(self, key: str) -> str | None:
+        self.policies.append(os.sched_getscheduler(0))
+        return self.engine.get(key)  # type: ignore[attr-defined]
+
+    def set(self, key: str, value: str) -> None:
+        self.engine.set(key, value)  # type: ignore[attr-defined]
+
+    def remove(self, key: str) -> None:
+        self.engine.remove(key)  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux-only")
+@pytest.mark.parametrize("scheduling", SCHEDULING)
+def test_connection_threads_serve_under_the_scheduling_mode_and_get_their_policy_back(
+        tmp_path: Path, io_model: str, scheduling: str) -> None:
+    expected = os.SCHED_BATCH if scheduling == "batch" and io_model == "leader-followers" else os.SCHED_OTHER
+    with opened_engine("kvs", tmp_path / "d") as engine, started_pool("shared-queue", 2) as pool:
+        recorder = _PolicyRecorder(engine)
+        with serving(recorder, pool, scheduling=scheduling) as server:  # type: ignore[arg-type]
+            clients = [KvsClient(server.address, timeout=DEADLINE) for _ in range(4)]
+            try:
+                for i in range(50):
+                    clients[i % 4].get(f"k{i}")
+            finally:
+                for c in clients:
+                    c.close()
+        assert len(recorder.policies) == 50
+        assert set(recorder.policies) == {expected}
+        # The server is gone: each pool thread runs a job under its own policy again.
+        barrier = threading.Barrier(2, timeout=DEADLINE)
+        seen: list[tuple[int, int]] = []
+
+        def record_policy_of_this_pool_thread() -> None:
+            barrier.wait()  # both jobs at once: one on each of the 2 pool threads
+            seen.append((threading.get_ident(), os.sched_getscheduler(0)))
+
+        for _ in range(2):
+            pool.spawn(record_policy_of_this_pool_thread)
+        wait_for(lambda: len(seen) == 2, what="a job on each pool thread")
+        assert len({ident for ident, _policy in seen}) == 2
+        assert [policy for _ident, policy in seen] == [os.SCHED_OTHER] * 2
+
+
+def test_unknown_scheduling_mode_is_a_kvs_error(tmp_path: Path) -> None:
+    with opened_engine("kvs", tmp_path / "d") as engine, started_pool("shared-queue", 1) as pool:
+        with pytest.raises(KvsError, match="unknown scheduling mode 'fifo'"):
+            KvsServer(engine, pool, ("127.0.0.1", 0), scheduling="fifo")

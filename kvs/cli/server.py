@@ -1,7 +1,7 @@
 """kvs-server: serve a data directory over the network.
 
     kvs-server [--addr IP:PORT] [--engine kvs|sqlite] [--pool NAME] [--threads N]
-               [--data-dir DIR] [--fsync never|always|interval] [limits...] [-V]
+               [--io MODEL] [--scheduling batch|normal] [--data-dir DIR] [--fsync never|always|interval] [limits...] [-V]
 
 Every failure to start (bad flag, wrong engine for the directory, port in use, unwritable
 directory) is one line on stderr and a non-zero exit, never a traceback. SIGTERM and SIGINT
@@ -25,6 +25,7 @@ from kvs.errors import KvsError
 from kvs.limits import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES
 from kvs.server import KvsServer
 from kvs.server.fd_limit import RESERVED_DESCRIPTORS, raise_open_file_limit
+from kvs.server.scheduling import SCHEDULING
 from kvs.server.server import IO_MODELS, available_protocols
 from kvs.thread_pool import POOLS, make_pool
 
@@ -81,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leader-followers: the pool threads wait for ready connections themselves; "
                         "dispatch: an I/O thread hands ready connections to the pool "
                         f"(default {IO_MODELS[0]})")
+    p.add_argument("--scheduling", choices=SCHEDULING, default=SCHEDULING[0],
+                   help="batch: the threads serving connections run under SCHED_BATCH (Linux), "
+                        "so a woken one does not preempt a running client and finds several "
+                        "requests ready; normal: leave them as they are (default batch)")
     p.add_argument("--data-dir", type=Path, default=Path.cwd(), metavar="DIR",
                    help="data directory (default: the current directory)")
     p.add_argument("--fsync", choices=FSYNC_POLICIES, default="never",
@@ -115,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         pool = make_pool(args.pool, args.threads)
         server = KvsServer(engine, pool, args.addr, max_connections=args.max_connections,
                            max_key_bytes=args.max_key_bytes, max_value_bytes=args.max_value_bytes,
-                           frame_timeout=args.frame_timeout, protocols=args.protocols, io_model=args.io)
+                           frame_timeout=args.frame_timeout, protocols=args.protocols, io_model=args.io,
+                           scheduling=args.scheduling)
     except (KvsError, ValueError, OSError) as exc:
         print(f"kvs-server: error: {exc}", file=sys.stderr)
         if pool is not None:
@@ -131,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     host, port = server.address
-    log.info("kvs-server %s: engine %s, pool %s, %d threads, I/O model %s, data directory %s, protocols %s",
-             __version__, name, args.pool, args.threads, args.io, args.data_dir.resolve(), ",".join(args.protocols))
+    log.info("kvs-server %s: engine %s, pool %s, %d threads, I/O model %s, scheduling %s, data directory %s, "
+             "protocols %s", __version__, name, args.pool, args.threads, args.io, args.scheduling,
+             args.data_dir.resolve(), ",".join(args.protocols))
     log.info("listening on %s:%d", host, port)
     # After the start can no longer fail: a failed start prints one error line and nothing else.
     raise_open_file_limit(args.max_connections + RESERVED_DESCRIPTORS)

@@ -73,6 +73,7 @@ from kvs.limits import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES
 from kvs.protocol import REQUEST_MAGIC
 from kvs.server.connection import AGAIN, BUSY, IDLE, Connection, serve_all, serving_here
 from kvs.server.resp_session import RespSession
+from kvs.server.scheduling import SCHEDULING, thread_scheduling
 from kvs.server.sessions import KvsSession, Session
 from kvs.thread_pool.base import ThreadPool
 
@@ -108,6 +109,7 @@ class KvsServer:
         send_timeout: float = 30.0,
         protocols: Iterable[str] = PROTOCOLS,
         io_model: str = IO_MODELS[0],
+        scheduling: str = SCHEDULING[0],
     ) -> None:
         if isinstance(addr, str):
             addr = parse_address(addr)
@@ -118,6 +120,9 @@ class KvsServer:
         if io_model not in IO_MODELS:
             raise KvsError(f"unknown I/O model {io_model!r} (choose from {', '.join(IO_MODELS)})")
         self.io_model = io_model
+        if scheduling not in SCHEDULING:
+            raise KvsError(f"unknown scheduling mode {scheduling!r} (choose from {', '.join(SCHEDULING)})")
+        self.scheduling = scheduling
         self._edge_triggered = io_model == "leader-followers"
         self._arm = _ARM_EDGE if self._edge_triggered else _ARM
         if max_connections < 1 or frame_timeout <= 0 or send_timeout <= 0:
@@ -333,18 +338,20 @@ class KvsServer:
         stop_fd = self._stop_fd
         self._local.poller = True
         try:
-            while not self._stopping:
-                for fd, events in ep.poll(1.0, _EVENTS_PER_WAIT):
-                    if fd == stop_fd:
-                        continue
-                    try:
-                        # A subscript, not conns.get: on 3.13t dict.get locks the dict, and
-                        # every pool thread looks up this one dict for every request.
-                        conn = conns[fd]
-                    except KeyError:  # closed meanwhile
-                        continue
-                    if conn.claim(events):
-                        conn.serve(events)  # answers, then hands it back or closes
+            # SCHED_BATCH while it serves, the thread's own policy again after (scheduling.py)
+            with thread_scheduling(self.scheduling):
+                while not self._stopping:
+                    for fd, events in ep.poll(1.0, _EVENTS_PER_WAIT):
+                        if fd == stop_fd:
+                            continue
+                        try:
+                            # A subscript, not conns.get: on 3.13t dict.get locks the dict, and
+                            # every pool thread looks up this one dict for every request.
+                            conn = conns[fd]
+                        except KeyError:  # closed meanwhile
+                            continue
+                        if conn.claim(events):
+                            conn.serve(events)  # answers, then hands it back or closes
         except Exception:  # never leave the server waiting for this loop
             log.exception("a server loop failed")
         finally:
