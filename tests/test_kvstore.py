@@ -1320,3 +1320,116 @@ def test_positions_round_trip_in_both_forms() -> None:
         assert kvstore_module._unpack(pos) == (fd, offset, length)
         assert kvstore_module._length(pos) == length
         assert (pos < 1 << 60) == (fd < 4096 and offset < 1 << 32 and length < 1 << 16)
+
+
+# =========================================================================== append path
+def _check_active_segment(store: KvStore) -> None:
+    seg = store._active
+    assert seg is not None
+    assert seg.size <= seg.mark <= seg.allocated or seg.allocated == 0
+    assert seg.populated <= seg.allocated
+
+
+def test_pages_ahead_of_the_appends_are_populated_and_marks_stay_inside_the_map(
+        stores: Callable[..., KvStore], tmp_path: Path) -> None:
+    """Values of random sizes (some larger than a populated chunk) across map growths and
+    roll-overs: the mark never passes the mapped bytes, pages ahead of the appends get
+    populated, and every value reads back, also after reopening."""
+    store = stores(tmp_path / "d", max_segment_bytes=3 << 20, background_compaction=False)
+    rnd = random.Random(7)
+    expected: dict[str, str] = {}
+    populated_ahead = 0
+    for i in range(3000):
+        key = f"k{rnd.randrange(500)}"
+        value = "v" * rnd.choice([10, 100, 1000, 20_000, 150_000])
+        store.set(key, value)
+        expected[key] = value
+        _check_active_segment(store)
+        seg = store._active
+        populated_ahead += seg.populated > seg.size
+    assert store._prefault_bytes == kvstore_module._PREFAULT_BYTES  # this kernel takes the advice
+    assert populated_ahead > 2500
+    assert len([s for s in store._segments.values()]) > 3  # rolled over several times
+    for key, value in expected.items():
+        assert store.get(key) == value
+    store.close()
+    with KvStore.open(tmp_path / "d") as reopened:
+        for key, value in expected.items():
+            assert reopened.get(key) == value
+
+
+def test_a_kernel_refusing_to_populate_turns_it_off_and_writes_go_on(
+        stores: Callable[..., KvStore], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kvstore_module, "_MADV_POPULATE_WRITE", 0x7FFF)  # no such advice: EINVAL
+    store = stores(tmp_path / "d", background_compaction=False)
+    for i in range(2000):
+        store.set(f"k{i}", "x" * 200)
+        _check_active_segment(store)
+    assert store._prefault_bytes == 0
+    seg = store._active
+    assert seg.mark == seg.allocated  # no more slow-path appends until the map must grow
+    assert all(store.get(f"k{i}") == "x" * 200 for i in range(2000))
+
+
+def test_populating_a_map_closed_meanwhile_is_skipped(stores: Callable[..., KvStore], tmp_path: Path) -> None:
+    store = stores(tmp_path / "d", background_compaction=False)
+    store.set("a", "1")
+    seg = store._active
+    writer = seg.writer
+    with store._append_lock:
+        store._seal(seg)  # what a roll-over or close does to the map
+    assert writer.closed
+    store._prefault(writer, 0, 4096)  # no error, nothing done
+    assert store._prefault_bytes == kvstore_module._PREFAULT_BYTES
+    store.set("b", "2")  # the sealed segment is mapped again for the next append
+    assert store.get("a") == "1" and store.get("b") == "2"
+
+
+def test_acquire_spinning_waits_for_a_holder_however_long_it_holds() -> None:
+    for hold in (0.0, 0.0005, 0.05):  # released during the tries, and long after them
+        lock = threading.Lock()
+        lock.acquire()
+        acquired = threading.Event()
+
+        def waiter() -> None:
+            kvstore_module._acquire_spinning(lock)
+            acquired.set()
+
+        t = threading.Thread(target=waiter)
+        t.start()
+        if hold:
+            assert not acquired.wait(hold)  # still held: the waiter must not have it
+        lock.release()
+        assert acquired.wait(30)
+        t.join(30)
+        assert lock.locked()  # now held by the waiter
+        lock.release()
+
+
+def test_writers_contending_for_the_append_lock_lose_nothing(stores: Callable[..., KvStore], tmp_path: Path) -> None:
+    """Many threads appending at once (each contended acquire goes through
+    _acquire_spinning): every write lands once, and the live-byte count matches the log."""
+    store = stores(tmp_path / "d", max_segment_bytes=1 << 20, background_compaction=False)
+    threads_n, per_thread = 8, 1500
+    barrier = threading.Barrier(threads_n)
+    errors: list[BaseException] = []
+
+    def writer(t: int) -> None:
+        try:
+            rnd = random.Random(t)
+            barrier.wait()
+            for i in range(per_thread):
+                store.set(f"t{t}-{i}", f"{t}:{i}:" + "x" * rnd.randrange(300))
+        except BaseException as exc:
+            errors.append(exc)
+
+    ts = [threading.Thread(target=writer, args=(t,)) for t in range(threads_n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    assert not errors and not any(t.is_alive() for t in ts)
+    for t in range(threads_n):
+        for i in range(per_thread):
+            assert store.get(f"t{t}-{i}").startswith(f"{t}:{i}:")
+    assert store._sizes[1] == store._sizes[0]  # nothing overwritten: every byte is live

@@ -55,6 +55,7 @@ import logging
 import mmap
 import os
 import struct
+import sys
 import threading
 import zlib
 from collections.abc import Iterator, Sequence
@@ -101,6 +102,11 @@ _CRC_RESIDUE = record.CRC_RESIDUE
 _crc32 = zlib.crc32
 _pread = os.pread
 _FIRST_ALLOCATION = 1 << 20  # the active segment's first extension (then doubling)
+# madvise(MADV_POPULATE_WRITE) (Linux 5.14+; Python 3.13's mmap module has no name for it):
+# fault in the pages of a range as writes would, without changing their contents.
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if sys.platform.startswith("linux") else None)
+_PREFAULT_BYTES = 64 * 1024  # the pages populated ahead of the appends at a time
+_PAGE_MASK = ~(mmap.PAGESIZE - 1)
 _TOTAL, _LIVE = 0, 1  # indexes of KvStore._sizes
 _NEVER = float("inf")  # a _stale_mark no store reaches
 _SHARED_COUNTS = shared_count_view()  # see kvs.freethreading.share_fresh; None when not needed
@@ -138,6 +144,27 @@ class _ClosedShards:
 _CLOSED_SHARDS = _ClosedShards()
 
 
+_SPINS = 64 if (os.cpu_count() or 1) > 1 else 0  # tries (about 13 us here) before _acquire_spinning sleeps
+
+
+def _acquire_spinning(lock: threading.Lock) -> None:
+    """Acquire ``lock``, which was just found held, for a holder that keeps it about a
+    microsecond: retry without letting go of the CPU for a while, then wait as usual.
+
+    A plain ``acquire`` spins too, but each of its up to 40 tries first calls
+    ``sched_yield``, which gives this CPU to any other thread ready to run on it, such
+    as a client on the same machine; the server thread then waits for that thread's whole
+    turn, hundreds of microseconds, for a lock that was free again after one (measured on
+    the append lock under redis-benchmark: 4% of appends found it held, waiting 29 us at
+    the median and 640 us at the 90th percentile, while 99% of holds were under 6 us).
+    A holder that was preempted is still waited for without burning the CPU: after the
+    retries this thread sleeps in ``acquire``."""
+    for _ in range(_SPINS):
+        if lock.acquire(False):
+            return
+    lock.acquire()
+
+
 class _Segment:
     """A segment file. ``size`` (the end of its records), ``durable``, ``allocated`` and
     ``writer`` change under ``_append_lock`` (active segment) or belong to the compactor
@@ -147,9 +174,14 @@ class _Segment:
     first ``allocated`` bytes: the file is extended ahead of the records with
     ``posix_fallocate`` (real blocks, zero-filled), so an append is a copy into the page
     cache under the append lock, not a system call. Sealing unmaps it and truncates the file
-    to ``size``."""
+    to ``size``.
 
-    __slots__ = ("gen", "path", "fd", "size", "durable", "allocated", "writer")
+    ``populated``: the pages of ``writer`` below it are (or are being) faulted in ahead of
+    the appends (``KvStore._prefault``); ``mark``: an append ending past it takes the slow
+    path (``KvStore._past_mark``: grow the map, populate the next pages). ``mark <=
+    allocated`` always, so no append can write past the mapped bytes."""
+
+    __slots__ = ("gen", "path", "fd", "size", "durable", "allocated", "writer", "populated", "mark")
 
     def __init__(self, gen: int, path: Path, fd: int, size: int) -> None:
         self.gen = gen
@@ -159,6 +191,8 @@ class _Segment:
         self.durable = size
         self.allocated = 0  # bytes of the file mapped for writing (active segment only)
         self.writer: mmap.mmap | None = None
+        self.populated = 0
+        self.mark = 0
 
 
 class KvStore:
@@ -258,6 +292,11 @@ class KvStore:
         # that raises while the store is not open (before recovery, after close).
         self._shards: list[tuple[dict[str, int], dict[str, tuple[int, str]]]] | _ClosedShards = _CLOSED_SHARDS
         self._append_lock = threading.Lock()
+        # Held around every madvise on, and every close of, an active segment's writable map,
+        # so _prefault (outside the append lock) never touches a map being closed. Order:
+        # _append_lock, then _map_lock.
+        self._map_lock = threading.Lock()
+        self._prefault_bytes = _PREFAULT_BYTES if _MADV_POPULATE_WRITE is not None else 0
         self._segments: dict[int, _Segment] = {}  # gen -> segment; under _append_lock
         self._by_fd: dict[int, _Segment] = {}     # fd -> segment; under _append_lock
         self._active: _Segment | None = None
@@ -442,6 +481,7 @@ class KvStore:
         self._mask = fresh_shared_int(self._mask)
         self._cache_per_stripe = fresh_shared_int(self._cache_per_stripe)
         self._cache_value_bytes = fresh_shared_int(self._cache_value_bytes)
+        self._prefault_bytes = fresh_shared_int(self._prefault_bytes)
         share_fresh(self._readers)
         share_fresh(self)
 
@@ -759,15 +799,25 @@ class KvStore:
         The only critical section all writers share: offset, a copy into the segment's
         memory map (the bytes are then in the page cache: a kill -9 cannot lose them, and
         every ``pread`` sees them), bookkeeping. Space is allocated before anything is
-        written, so a full disk fails the call with ``KvsError`` and writes nothing."""
-        with self._append_lock:
+        written, so a full disk fails the call with ``KvsError`` and writes nothing.
+
+        The copy must not fault pages in while the lock is held: a first write to a page of
+        a shared file map costs about 4 us, sometimes milliseconds, and a writer waiting for
+        the lock meanwhile spins, then sleeps. So the pages ahead of the appends are faulted
+        in 64 KiB at a time by the writer that passes ``seg.mark``, after it lets go of the
+        lock (``_prefault``)."""
+        prefault = None
+        lock = self._append_lock
+        if not lock.acquire(False):
+            _acquire_spinning(lock)
+        try:
             if self._closed:
                 raise KvsError("the store is closed")
             seg = self._active
             offset = seg.size
             end = offset + n
-            if end > seg.allocated:
-                self._allocate(seg, end)
+            if end > seg.mark:  # rare: grow the map, or take the next pages to populate
+                prefault = self._past_mark(seg, end)
             seg.writer[offset:end] = rec
             seg.size = end
             sizes = self._sizes
@@ -777,7 +827,48 @@ class KvStore:
                 self._try_roll_over(seg, end)
             if total - live >= self._stale_mark:
                 self._maybe_want_compaction()  # rare: see there
+        finally:
+            lock.release()
+        if prefault is not None:
+            self._prefault(*prefault)
         return seg, offset
+
+    def _past_mark(self, seg: _Segment, end: int) -> tuple[mmap.mmap, int, int] | None:
+        """An append to ``end`` passes ``seg.mark``: map more of the file if ``end`` needs it,
+        and take the next pages to populate, ``(map, start, length)``, for the caller to
+        pass to ``_prefault`` once it has let go of the lock (None: nothing to populate).
+        Caller holds ``_append_lock``."""
+        if end > seg.allocated:
+            self._allocate(seg, end)  # a new map, none of its pages populated
+        chunk = self._prefault_bytes
+        job = None
+        if chunk and seg.populated < seg.allocated:
+            start = max(seg.populated, end & _PAGE_MASK)
+            stop = min(start + chunk, seg.allocated)
+            seg.populated = stop
+            job = (seg.writer, start, stop - start)
+        if not chunk or seg.populated >= seg.allocated:
+            seg.mark = seg.allocated
+        else:  # populate the next pages when the appends are halfway through these
+            seg.mark = max(end, seg.populated - chunk // 2)
+        return job
+
+    def _prefault(self, writer: mmap.mmap, start: int, length: int) -> None:
+        """Fault in ``length`` bytes of pages of the active segment's map from ``start``,
+        as writes would, without changing them (they are the zeros the file was extended
+        with). Not under the append lock: appends below ``start`` go on meanwhile, and one
+        that overtakes it faults its pages in itself, as without this. A map closed
+        meanwhile (grown, sealed) is skipped; a kernel without ``MADV_POPULATE_WRITE``
+        turns this off for the store."""
+        with self._map_lock:
+            if writer.closed:
+                return
+            try:
+                writer.madvise(_MADV_POPULATE_WRITE, start, length)
+            except (OSError, ValueError) as exc:
+                self._prefault_bytes = 0
+                log.debug("%s: cannot populate pages ahead of the appends (%s); writes fault them in",
+                          self.path, exc)
 
     def _try_roll_over(self, seg: _Segment, end: int) -> None:
         """Roll over after the write that took the active segment ``seg`` to ``end`` bytes.
@@ -810,17 +901,22 @@ class KvStore:
         except (OSError, ValueError) as exc:
             raise KvsError(f"cannot extend {seg.path} to {want} bytes: {getattr(exc, 'strerror', None) or exc}") from None
         if seg.writer is not None:
-            seg.writer.close()
+            with self._map_lock:
+                seg.writer.close()
         seg.writer = writer
         seg.allocated = want
+        seg.populated = 0
+        seg.mark = 0  # _past_mark, which called this, sets it
 
     def _seal(self, seg: _Segment) -> None:
         """Unmap the active segment and cut its file to its records (then fsync unless the
         policy is ``never``). Caller holds ``_append_lock``."""
         writer, seg.writer = seg.writer, None
         allocated, seg.allocated = seg.allocated, 0  # a failure below: the next append re-maps
+        seg.populated = seg.mark = 0
         if writer is not None:
-            writer.close()
+            with self._map_lock:
+                writer.close()
         if allocated:
             os.ftruncate(seg.fd, seg.size)
         if self._fsync != "never":
