@@ -44,6 +44,9 @@ themselves.
   once every one of them has left its loop. ``shutdown`` called on one of those threads (from
   an engine, say) does not wait: it would wait for itself.
 - While the server runs, the pool runs nothing else: jobs spawned on it wait until then.
+- Each loop runs under ``SCHED_BATCH`` by default (``scheduling="batch"``, see
+  ``scheduling.py``): a woken loop does not preempt a client on its CPU. The thread's own
+  policy is restored when the loop ends.
 - The choice of pool matters little here (every pool runs N identical loops); it is the
   ``dispatch`` model that the pool benchmarks compare.
 
