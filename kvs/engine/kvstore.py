@@ -156,7 +156,7 @@ def _acquire_spinning(lock: threading.Lock) -> None:
     as a client on the same machine; the server thread then waits for that thread's whole
     turn, hundreds of microseconds, for a lock that was free again after one (measured on
     the append lock under redis-benchmark: 4% of appends found it held, waiting 29 us at
-    the median and 640 us at the 90th percentile, while 99% of holds were under 6 us).
+    the median and 640 us at the 90th percentile, while 99% of holds took at most 6.1 us).
     A holder that was preempted is still waited for without burning the CPU: after the
     retries this thread sleeps in ``acquire``."""
     for _ in range(_SPINS):

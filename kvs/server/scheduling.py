@@ -16,7 +16,7 @@ redis-benchmark at 50 connections (client runs 11 us, pool thread 17-24 us, in t
 the machine is then 20-27% idle. It does not always settle in that pattern, so the same
 benchmark ran either at about 0.75x or about 0.55x Redis from one run to the next. A batch
 thread lets the client go on sending until it blocks, then finds several requests ready
-at once: the pattern disappears (``bench/README.md`` has the measurements).
+at once: the pattern disappears (the measurements are in the README's Performance section).
 
 What it costs: on a CPU that is busy with another program, a woken pool thread waits for
 that program's time slice to end or for it to block, where a normal one would preempt it.
