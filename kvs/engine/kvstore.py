@@ -447,9 +447,15 @@ class KvStore:
         seg.size = seg.durable = torn.offset
 
     def _index_put(self, key_bytes: bytes, pos: int) -> None:
+        """Store the position of ``key_bytes`` while ``open`` replays. The key and the
+        position are new objects of this thread: they are marked shareable before the dict
+        store publishes them (a key the stripe already holds keeps its stored object)."""
         key = key_bytes.decode()
         stripe = self._stripes[hash(key) & self._mask]
-        self._publish(stripe, key, stripe.get(key), pos, own_key=True)
+        share_fresh(pos)
+        if key not in stripe:
+            share_fresh_str(key)
+        stripe[key] = pos
 
     def _index_hints(self, seg: _Segment, entries: Iterator[tuple[bytes, int, int]]) -> None:
         """``_index_put`` of every hint entry of ``seg``, inlined: the loop of ``open`` at a
@@ -598,8 +604,8 @@ class KvStore:
         with self._stripe_locks[i]:
             old = stripe.get(key)
             seg, offset = self._append(rec, n, n if old is None else n - _length(old))
-            # _publish, inlined on this hottest write path: the new position (and a new
-            # key's own copy) marked shareable, then one dict store publishes them.
+            # Publish: the new position (and a new key's own copy) marked shareable, then
+            # one dict store publishes them.
             fd = seg.fd
             pos = fd << 48 | offset << 16 | n if fd < 4096 and offset < 1 << 32 and n < 1 << 16 else _pack(fd, offset, n)
             if _SHARED_COUNTS is not None:
@@ -653,7 +659,7 @@ class KvStore:
             fd = seg.fd
             counts = _SHARED_COUNTS
             for (key, _value), i, rec in zip(items, stripe_ids, recs):
-                # _publish, inlined as in set
+                # published as in set
                 n = len(rec)
                 pos = _pack(fd, offset, n)
                 if counts is not None:
@@ -686,20 +692,6 @@ class KvStore:
             encode_text(value, "value", self._max_value)
         body = _HEADER_PACK(_OP_SET, klen, vlen) + kb + vb
         return body + _CRC_PACK(_crc32(body))
-
-    @staticmethod
-    def _publish(stripe: dict[str, int], key: str, old: int | None, pos: int, own_key: bool = False) -> None:
-        """Store the new position of ``key`` (caller holds its stripe lock, or is ``open``).
-        The position, and a key the stripe does not hold yet, are new objects of this thread
-        (``own_key``: ``key`` already is one, else a copy is made): they are marked
-        shareable before the dict store publishes them."""
-        share_fresh(pos)
-        if old is None:
-            stored_key = key if own_key else key.encode().decode()
-            share_fresh_str(stored_key)
-            stripe[stored_key] = pos
-        else:
-            stripe[key] = pos  # the dict keeps its stored (shareable) key object
 
     def remove(self, key: str) -> None:
         """Delete ``key``; ``KeyNotFoundError`` when it is absent."""
