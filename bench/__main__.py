@@ -62,7 +62,8 @@ def run_suite(suite: str, gil: str, quick: bool, bar, task, resp_flags: list[str
     env = dict(os.environ, PYTHON_GIL="1" if gil == "on" else "0")
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out_file = f.name
-    cmd = [sys.executable, "-m", "bench", "--child", "--suite", suite, "--out", out_file] + (["--quick"] if quick else [])
+    cmd = [sys.executable, "-m", "bench", "--child", "--suite", suite, "--out", out_file]
+    cmd += ["--quick"] if quick else []
     if suite == "resp":
         cmd += resp_flags
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"results: {args.out / 'results.json'}")
     for path in written:
         console.print(f"plot: {path}")
+    console.print(f"README tables from this run: python -m bench.readme --results {args.out / 'results.json'}")
     return 0
 
 

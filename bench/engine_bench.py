@@ -63,11 +63,19 @@ import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
 
-from bench.common import SMOKE, Progress, gil_enabled, run_prepared_threads_timed, latency_stats, no_progress, record, repeat, throughput_stats
-from kvs.engine import segments
-from kvs.engine.kvstore import KvStore
+from bench.common import (
+    SMOKE,
+    Progress,
+    gil_enabled,
+    latency_stats,
+    no_progress,
+    record,
+    repeat,
+    run_prepared_threads_timed,
+    throughput_stats,
+)
+from kvs.engine import KvStore
 
 SUITE = "engine"
 ENGINES = ("kvs", "sqlite3", "diskcache")
@@ -88,6 +96,10 @@ def value_of(i: int) -> str:
 
 
 # --------------------------------------------------------------------------- engines
+Client = tuple[Callable[[str], str | None], Callable[[str, str], object]]
+"""An engine's ``(get, set)`` callables for one thread."""
+
+
 class Engine:
     """One engine under test, opened in a directory. ``client()`` returns the ``(get, set)``
     callables a thread should use (a per-thread connection where the engine needs one);
@@ -95,7 +107,7 @@ class Engine:
 
     name = ""
 
-    def client(self) -> tuple[Callable[[str], str | None], Callable[[str, str], None]]:
+    def client(self) -> Client:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -108,7 +120,7 @@ class KvsEngine(Engine):
     def __init__(self, path: str) -> None:
         self.store = KvStore.open(path)
 
-    def client(self):  # noqa: ANN201
+    def client(self) -> Client:
         return self.store.get, self.store.set
 
     def close(self) -> None:
@@ -133,7 +145,7 @@ class Sqlite3Engine(Engine):
             self._conns.append(conn)
         return conn
 
-    def client(self):  # noqa: ANN201
+    def client(self) -> Client:
         conn = self._connect()
         execute = conn.execute
 
@@ -160,7 +172,7 @@ class DiskcacheEngine(Engine):
 
         self.cache = diskcache.Cache(path)
 
-    def client(self):  # noqa: ANN201
+    def client(self) -> Client:
         return self.cache.get, self.cache.set
 
     def close(self) -> None:
@@ -255,7 +267,7 @@ def bench_set_get(work: Workdir, engine_names: Sequence[str], n: int, reps: int)
         engine = ENGINE_CLASSES[name](path)
         _get, set_ = engine.client()
         t0 = time.perf_counter()
-        for k, v in zip(keys[:count], values[:count]):
+        for k, v in zip(keys[:count], values[:count], strict=True):
             set_(k, v)
         elapsed = time.perf_counter() - t0
         if name in latest:  # only the newest store of each engine is kept (for the gets)
@@ -268,7 +280,7 @@ def bench_set_get(work: Workdir, engine_names: Sequence[str], n: int, reps: int)
     def one_get(name: str) -> float:
         get, _set = latest[name][1].client()
         t0 = time.perf_counter()
-        for k, v in zip(get_keys, get_values):
+        for k, v in zip(get_keys, get_values, strict=True):
             if get(k) != v:
                 raise AssertionError(f"{name}: wrong value for {k}")
         return time.perf_counter() - t0
@@ -277,7 +289,8 @@ def bench_set_get(work: Workdir, engine_names: Sequence[str], n: int, reps: int)
     get_seconds: dict[str, list[float]] = {e: [] for e in engine_names}
     try:
         # Each set round builds a fresh store; the warm-up is a round of a tenth of the keys
-        # (a diskcache round of 100k sets takes ~10 s). Gets warm up on the full store.
+        # (a full round of diskcache sets is slow, and a tenth warms every code path).
+        # Gets warm up on the full store.
         for name in engine_names:
             one_set(name, n // 10)
         for _ in range(reps):
@@ -321,7 +334,7 @@ def bench_get_threads(work: Workdir, engine_name: str, n: int, reps: int) -> lis
             get(keys[0])  # first use: connection / reader slot set-up
 
             def work() -> None:
-                for k, v in zip(keys, values):
+                for k, v in zip(keys, values, strict=True):
                     if get(k) != v:
                         raise AssertionError(f"{engine_name}: wrong value for {k}")
 
@@ -352,12 +365,12 @@ def bench_get_threads(work: Workdir, engine_name: str, n: int, reps: int) -> lis
             for threads in controls:
                 control_seconds[threads].append(control(threads))
         if controls:
-            paired = [one / two for one, two in zip(control_seconds[1], control_seconds[2])]
+            paired = [one / two for one, two in zip(control_seconds[1], control_seconds[2], strict=True)]
             out.append(record(SUITE, "cpu_control", threads=2, ratio_to_1_thread=statistics.median(paired),
                               ratios=paired, **throughput_stats(control_work, control_seconds[2])))
         for threads in THREAD_COUNTS:
             ops = (n // threads) * threads
-            paired = [(ops / s) / (n / one) for s, one in zip(seconds[threads], seconds[1])]
+            paired = [(ops / s) / (n / one) for s, one in zip(seconds[threads], seconds[1], strict=True)]
             out.append(record(SUITE, "get_threads", engine=engine_name, threads=threads, keys=n,
                               ratio_to_1_thread=statistics.median(paired), **throughput_stats(ops, seconds[threads])))
     finally:
@@ -372,6 +385,21 @@ def _arithmetic(iterations: int) -> None:
     x = 0
     for i in range(iterations):
         x = (x + i * 7) & 0xFFFF
+
+
+def start_compaction(store: KvStore) -> tuple[threading.Thread, list[BaseException]]:
+    """``store.compact()`` started in a thread of its own; the list receives its exception."""
+    errors: list[BaseException] = []
+
+    def compact() -> None:
+        try:
+            store.compact()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=compact)
+    thread.start()
+    return thread, errors
 
 
 def bench_latency(work: Workdir, n: int, reps: int) -> list[dict]:
@@ -389,12 +417,13 @@ def bench_latency(work: Workdir, n: int, reps: int) -> list[dict]:
             for i in range(n):
                 store.set(key_of(i), value_of(i))
 
-    def sample(stop: Callable[[], bool], limit: int) -> list[float]:
+    def sample(go_on: Callable[[], bool], limit: int) -> list[float]:
+        """Up to ``limit`` get latencies, while ``go_on()``."""
         lat = []
         get = store.get
         keys = [key_of(i) for i in range(n)]
         values = [value_of(i) for i in range(n)]
-        while len(lat) < limit and not stop():
+        while len(lat) < limit and go_on():
             i = rng.randrange(n)
             k = keys[i]
             t0 = clock()
@@ -407,25 +436,16 @@ def bench_latency(work: Workdir, n: int, reps: int) -> list[dict]:
     try:
         for rep in range(reps + 1):
             rewrite()
-            lat = sample(lambda: False, 4 * n)
+            lat = sample(lambda: True, 4 * n)
             if rep:
                 idle.append(lat)
             before = store.stats()["compactions"]
-            errors: list[BaseException] = []
-
-            def compact() -> None:
-                try:
-                    store.compact()
-                except BaseException as exc:
-                    errors.append(exc)
-
-            t = threading.Thread(target=compact)
-            t.start()
+            compactor, errors = start_compaction(store)
             # At most as many samples as idle: with the GIL on, the sampling loop starves the
             # compactor and would otherwise sample for minutes. Every sample is taken while
             # the compaction runs either way.
-            lat = sample(lambda: not t.is_alive(), 4 * n)
-            t.join()
+            lat = sample(compactor.is_alive, 4 * n)
+            compactor.join()
             if errors:
                 raise errors[0]
             assert store.stats()["compactions"] == before + 1
@@ -460,7 +480,7 @@ def build_big_store(path: str, n: int) -> None:
 
 _MEMORY_CHILD = r"""
 import gc, json, os, sys
-from kvs.engine.kvstore import KvStore
+from kvs.engine import KvStore
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -536,10 +556,12 @@ def run(quick: bool, progress: Progress = no_progress, only: Sequence[str] | Non
         return big_path[0]
 
     if "set_get" in selected:
-        steps.append((f"set/get 1 thread, interleaved: {', '.join(ENGINES)}", lambda: bench_set_get(work, ENGINES, n, reps)))
+        steps.append((f"set/get 1 thread, interleaved: {', '.join(ENGINES)}",
+                      lambda: bench_set_get(work, ENGINES, n, reps)))
     for name in ENGINES:
         if "get_threads" in selected:
-            steps.append((f"get 1/2/4 threads: {name}", lambda name=name: bench_get_threads(work, name, n, 1 if SMOKE else 4)))
+            steps.append((f"get 1/2/4 threads: {name}",
+                          lambda name=name: bench_get_threads(work, name, n, 1 if SMOKE else 4)))
     if "latency" in selected:
         steps.append(("get latency idle/compacting: kvs", lambda: bench_latency(work, n, reps)))
     if "index_memory" in selected:
@@ -554,6 +576,8 @@ def run(quick: bool, progress: Progress = no_progress, only: Sequence[str] | Non
             progress(done, len(steps), description)
             for rec in step():
                 rec.setdefault("versions", versions)
+                if "keys" in rec:
+                    rec.setdefault("value_bytes", VALUE_BYTES)
                 records.append(rec)
         progress(len(steps), len(steps), "done")
     finally:
@@ -569,7 +593,7 @@ def print_table(records: list[dict]) -> None:
     table = Table(title="kvs engine benchmarks")
     for col in ("benchmark", "engine", "threads", "GIL", "ops/s", "p50 µs", "p99 µs", "other"):
         table.add_column(col, justify="right" if col not in ("benchmark", "engine") else "left")
-    fmt = lambda x, spec: "" if x is None else format(x, spec)  # noqa: E731
+    fmt = lambda x, spec: "" if x is None else format(x, spec)
     for r in records:
         other = []
         if "bytes_per_key" in r:

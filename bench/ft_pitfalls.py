@@ -5,8 +5,8 @@ thread looks every key up with an equal key object it made itself (as a server t
 decoded the key from the network does). Modes:
 
 - ``plain``: what a naive shared dict index does: the lookups take CPython's slow path.
-- ``shared``: the writer marks each key and value with ``kvs.freethreading.share_fresh``
-  before inserting it (what KvStore does).
+- ``shared``: the writer marks each key and value shared (``kvs.freethreading.mark_shared_str``
+  and ``mark_shared``) before inserting it (what KvStore does).
 - ``intern``: keys interned with ``sys.intern`` (immortal in 3.13: never freed).
 
     .venv/bin/python bench/ft_pitfalls.py
@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 
-from kvs.freethreading import SHARING_ENABLED, share_fresh, share_fresh_str
+from kvs.freethreading import MARKING_ENABLED, mark_shared, mark_shared_str
 
 N = 20000
 
@@ -33,8 +33,8 @@ def lookup_us(mode: str) -> float:
             k = f"key{i:08d}"
             v = (i << 40) | 12345
             if mode == "shared":
-                share_fresh_str(k)
-                share_fresh(v)
+                mark_shared_str(k)
+                mark_shared(v)
             elif mode == "intern":
                 k = sys.intern(k)
             d[k] = v
@@ -64,6 +64,6 @@ def lookup_us(mode: str) -> float:
 
 if __name__ == "__main__":
     print(f"Python {sys.version.split()[0]}, GIL enabled: {sys._is_gil_enabled()}, "
-          f"kvs sharing enabled: {SHARING_ENABLED}")
+          f"kvs marking enabled: {MARKING_ENABLED}")
     for mode in ("plain", "shared", "intern"):
         print(f"{mode:8s} {lookup_us(mode):8.3f} us per lookup")

@@ -41,6 +41,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from bench.common import (
@@ -127,7 +128,7 @@ def spin(iterations: int) -> int:
 
 def calibrate_spin(target_us: float = WORK_US) -> int:
     """Loop iterations that take about ``target_us`` on one thread of this process. Five
-    batches of nine timings, spread over ~50 ms; the lowest batch median wins: another
+    batches of nine timings, one after another; the lowest batch median wins: another
     process can only stretch a timing, so the least disturbed batch is the truest."""
     probe = 20_000
     spin(probe)
@@ -167,7 +168,8 @@ def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-def _throughput_run(pool: ThreadPool, producers: int, jobs: int, job: Callable[[], None], countdown: Countdown) -> float:
+def _throughput_run(pool: ThreadPool, producers: int, jobs: int, job: Callable[[], None],
+                    countdown: Countdown) -> float:
     """Seconds from releasing ``producers`` threads, which spawn ``jobs`` copies of ``job``
     between them, until the countdown (called by the jobs) reaches zero."""
     spawn = pool.spawn
@@ -287,32 +289,29 @@ def run(quick: bool, progress: Progress = no_progress) -> list[dict]:
     def jobs_for(name: str, regular: int, naive: int) -> int:
         return naive if name == "naive" else regular
 
+    def trivial_jobs(name: str) -> int:
+        return jobs_for(name, sizes.trivial_jobs, sizes.naive_trivial_jobs)
+
+    def work_jobs(name: str) -> int:
+        return jobs_for(name, sizes.work_jobs, sizes.naive_work_jobs)
+
+    def latency_samples(name: str) -> int:
+        return jobs_for(name, sizes.latency_samples, sizes.naive_latency_samples)
+
+    def nested_roots(name: str) -> int:
+        return jobs_for(name, sizes.nested_roots, sizes.naive_nested_roots)
+
     benchmarks: list[tuple[str, Callable[[str, ThreadPool, int], Any], Callable[[str], int], str]] = [
-        (
-            "trivial_jobs",
-            lambda name, pool, producers: trivial_run(pool, producers, jobs_for(name, sizes.trivial_jobs, sizes.naive_trivial_jobs)),
-            lambda name: jobs_for(name, sizes.trivial_jobs, sizes.naive_trivial_jobs),
-            countdown_note,
-        ),
-        (
-            "work_50us_jobs",
-            lambda name, pool, producers: work_run(pool, producers, jobs_for(name, sizes.work_jobs, sizes.naive_work_jobs), iterations),
-            lambda name: jobs_for(name, sizes.work_jobs, sizes.naive_work_jobs),
-            work_note,
-        ),
-        (
-            "spawn_latency",
-            lambda name, pool, producers: latency_run(pool, producers, jobs_for(name, sizes.latency_samples, sizes.naive_latency_samples)),
-            lambda name: jobs_for(name, sizes.latency_samples, sizes.naive_latency_samples),
-            "closed loop per producer: spawn, wait for the job to start, repeat",
-        ),
-        (
-            "nested_spawn",
-            lambda name, pool, producers: nested_run(pool, producers, jobs_for(name, sizes.nested_roots, sizes.naive_nested_roots)),
-            lambda name: nested_jobs(jobs_for(name, sizes.nested_roots, sizes.naive_nested_roots)),
-            f"roots spawn trees of fan-out {NESTED_FANOUT}, depth {NESTED_DEPTH}",
-        ),
-    ]  # fmt: skip
+        ("trivial_jobs", lambda name, pool, producers: trivial_run(pool, producers, trivial_jobs(name)),
+         trivial_jobs, countdown_note),
+        ("work_50us_jobs", lambda name, pool, producers: work_run(pool, producers, work_jobs(name), iterations),
+         work_jobs, work_note),
+        ("spawn_latency", lambda name, pool, producers: latency_run(pool, producers, latency_samples(name)),
+         latency_samples, "closed loop per producer: spawn, wait for the job to start, repeat"),
+        ("nested_spawn", lambda name, pool, producers: nested_run(pool, producers, nested_roots(name)),
+         lambda name: nested_jobs(nested_roots(name)),
+         f"roots spawn trees of fan-out {NESTED_FANOUT}, depth {NESTED_DEPTH}"),
+    ]
 
     records: list[dict] = []
     for benchmark, one_run, jobs_of, note in benchmarks:
@@ -322,9 +321,7 @@ def run(quick: bool, progress: Progress = no_progress) -> list[dict]:
                 pools = {name: make_pool(name, threads) for name in names}
                 try:
                     reps = sizes.reps_cheap if benchmark in ("trivial_jobs", "nested_spawn") else sizes.reps
-                    results = _interleaved(
-                        pools, lambda name, pool: one_run(name, pool, producers), sizes.warmup, reps
-                    )
+                    results = _interleaved(pools, partial(one_run, producers=producers), sizes.warmup, reps)
                 finally:
                     for pool in pools.values():
                         pool.shutdown(wait=True)
@@ -343,7 +340,8 @@ def run(quick: bool, progress: Progress = no_progress) -> list[dict]:
                         )  # fmt: skip
                     else:
                         jobs = jobs_of(name)
-                        records.append(record(SUITE, benchmark, **common, jobs=jobs, **throughput_stats(jobs, results[name])))
+                        records.append(record(SUITE, benchmark, **common, jobs=jobs,
+                                              **throughput_stats(jobs, results[name])))
     progress(steps, steps, "done")
     return records
 
@@ -418,9 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.pool_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, 2 repetitions (well under 25 s)")
     args = parser.parse_args(argv)
-    from rich.progress import Progress as Bar
-
     import os
+
+    from rich.progress import Progress as Bar
 
     load_before = os.getloadavg()
     started = time.perf_counter()

@@ -8,6 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench.records import CLEAR_CHANGE
+
 MEASURES = {"gil", "ops_per_sec", "ops_per_sec_p5", "ops_per_sec_p95", "p50_us", "p99_us", "reps",
             "seconds", "bytes_per_key", "ratio", "redis_ops_per_sec", "kvs_ops_per_sec", "note"}
 _SHOWN_EXTRAS = ("workload", "producers", "connections", "pipeline", "client_connections", "target", "command")
@@ -62,7 +64,7 @@ def gil_table(records: list[dict]) -> Table | None:
         table.add_column(col, justify="left" if col in ("suite", "benchmark", "engine", "pool") else "right")
     for off, on in pairs:
         ratio = off["ops_per_sec"] / on["ops_per_sec"]
-        style = "green" if ratio >= 1.1 else ("red" if ratio < 0.9 else "")
+        style = "green" if ratio >= 1 + CLEAR_CHANGE else ("red" if ratio <= 1 - CLEAR_CHANGE else "")
         table.add_row(off["suite"], off["benchmark"], _fmt(off.get("engine")), _fmt(off.get("pool")),
                       _fmt(off.get("threads")), *[_fmt(off.get(k)) for k in extras],
                       _fmt(off["ops_per_sec"]), _fmt(on["ops_per_sec"]),

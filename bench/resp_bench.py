@@ -2,11 +2,11 @@
 
 Redis (``redis-server`` from Debian) runs with the append-only file on and
 ``appendfsync everysec``; kvs-server runs the kvs engine with ``--fsync interval`` (an fsync
-every second: the same promise) in its default I/O model (leader-followers). Both start on free loopback ports in temporary directories
-and are stopped afterwards. For each command line (SET and GET with 1 connection, 50
-connections, and 50 connections pipelined 16 deep) the two servers are measured
-alternately, five rounds, the one that goes first swapping every round, and the median of
-each is kept: both see the same machine state.
+every second: the same promise) in its default I/O model (leader-followers). Both start on
+free loopback ports in temporary directories and are stopped afterwards. For each command
+line (SET and GET with 1 connection, 50 connections, and 50 connections pipelined 16 deep)
+the two servers are measured alternately, five rounds, the one that goes first swapping
+every round, and the median of each is kept: both see the same machine state.
 redis-benchmark (C, one thread) shares the two cores with the server under test.
 
 Records: suite "resp", one per server and command line (``engine`` "redis" or "kvs"), plus
@@ -35,6 +35,10 @@ from kvs.server.scheduling import SCHEDULING
 from kvs.server.server import IO_MODELS
 
 SUITE = "resp"
+KEYSPACE = 100_000
+"""redis-benchmark's ``-r``: the keys are drawn at random from this many."""
+VALUE_BYTES = 100
+"""redis-benchmark's ``-d``: the size of a SET's value."""
 LINES = [  # (label, connections, pipeline)
     ("1 connection", 1, 1),
     ("50 connections", 50, 1),
@@ -91,9 +95,9 @@ class Servers:
              "--protected-mode", "no", "--logfile", ""],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.kvs = subprocess.Popen(
-            [sys.executable, "-m", "kvs.cli.server", "--addr", f"127.0.0.1:{self.kvs_port}", "--data-dir", str(base / "kvs"),
-             "--engine", "kvs", "--fsync", "interval", "--pool", kvs_pool, "--threads", str(kvs_threads),
-             "--scheduling", kvs_scheduling, "--log-level", "warning"],
+            [sys.executable, "-m", "kvs.cli.server", "--addr", f"127.0.0.1:{self.kvs_port}",
+             "--data-dir", str(base / "kvs"), "--engine", "kvs", "--fsync", "interval", "--pool", kvs_pool,
+             "--threads", str(kvs_threads), "--scheduling", kvs_scheduling, "--log-level", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
         try:
             wait_for_port(self.redis_port, self.redis)
@@ -115,10 +119,17 @@ class Servers:
         self.tmp.cleanup()
 
 
+def redis_version() -> str | None:
+    """The version of ``redis-server`` (``7.0.15``), None when it does not say."""
+    out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, timeout=30)
+    found = [word[2:] for word in out.stdout.split() if word.startswith("v=")]
+    return found[0] if found else None
+
+
 def redis_benchmark(port: int, test: str, requests: int, clients: int, pipeline: int) -> dict[str, float]:
     """One redis-benchmark run; rps and latency percentiles (ms) from its CSV output."""
     cmd = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", test, "-n", str(requests),
-           "-c", str(clients), "-P", str(pipeline), "-r", "100000", "-d", "100", "--csv"]
+           "-c", str(clients), "-P", str(pipeline), "-r", str(KEYSPACE), "-d", str(VALUE_BYTES), "--csv"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     rows = [r for r in csv.reader(io.StringIO(out.stdout)) if r and r[0] != "test"]
     if out.returncode != 0 or not rows:
@@ -134,6 +145,7 @@ def run(quick: bool, progress: Progress = no_progress, kvs_threads: int | None =
     ensure_redis_tools()
     threads = kvs_threads or (os.cpu_count() or 1)
     rounds = 1 if quick else 5
+    version = redis_version()
     records: list[dict] = []
     servers = Servers(threads, kvs_pool, kvs_scheduling)
     steps = [(label, c, p, test) for label, c, p in LINES for test in ("set", "get")]
@@ -161,8 +173,10 @@ def run(quick: bool, progress: Progress = no_progress, kvs_threads: int | None =
                     scheduling=kvs_scheduling if server == "kvs" else None,
                     p50_us=statistics.median(r["p50_ms"] for r in runs) * 1000,
                     p99_us=statistics.median(r["p99_ms"] for r in runs) * 1000,
-                    connections=clients, pipeline=pipeline, command=label, reps=rounds))
-            round_ratios = [k["rps"] / r["rps"] for k, r in zip(results["kvs"], results["redis"])]
+                    connections=clients, pipeline=pipeline, command=label, reps=rounds,
+                    redis_benchmark_options=f"-r {KEYSPACE} -d {VALUE_BYTES}",
+                    **({"redis_version": version} if server == "redis" else {})))
+            round_ratios = [k["rps"] / r["rps"] for k, r in zip(results["kvs"], results["redis"], strict=True)]
             records.append(record(SUITE, f"{test}_ratio", engine="kvs/redis", connections=clients, pipeline=pipeline,
                                   command=label, ratio=statistics.median(round_ratios), round_ratios=round_ratios,
                                   kvs_ops_per_sec=medians["kvs"], redis_ops_per_sec=medians["redis"]))

@@ -146,7 +146,7 @@ def measure(pool_name: str, engine_name: str, io_model: str, threads: int, reps:
         try:
             for bench, work in (("write", write_work), ("read", read_work)):
                 if bench == "read":
-                    clients.run_iteration(write_work)  # preload the 1000 keys
+                    clients.run_iteration(write_work)  # preload the keys
                 seconds = repeat(lambda w=work: clients.run_iteration(w), reps, warmup=0 if SMOKE else 2)
                 stats = throughput_stats(KEYS, seconds)
                 name = f"{bench}_{pool_name.replace('-', '_')}_{engine_name}"
@@ -155,7 +155,8 @@ def measure(pool_name: str, engine_name: str, io_model: str, threads: int, reps:
                 out.append(record(SUITE, name, engine=engine_name, pool=pool_name, io_model=io_model, threads=threads,
                                   ops_per_sec=stats["ops_per_sec"], ops_per_sec_p5=stats["ops_per_sec_p5"],
                                   ops_per_sec_p95=stats["ops_per_sec_p95"], reps=stats["reps"],
-                                  workload=bench, client_connections=CLIENT_CONNECTIONS))
+                                  workload=bench, client_connections=CLIENT_CONNECTIONS,
+                                  requests_per_iteration=KEYS))
         finally:
             clients.close()
             server.close()
