@@ -5,35 +5,55 @@ updates a cheap local reference count, every other thread an atomic *shared* cou
 lock-free read paths of dict and list (``_Py_TryIncrefCompare`` in ``pycore_object.h``) must
 take a reference to the item they found; for an object owned by another live thread, whose
 shared count is still zero, that attempt is refused and the read falls back to locking the
-container. For a dict lookup we measured ~27 us instead of ~0.4 us on this machine
-(``docs/free-threading.md``): a server whose pool threads write keys that other pool threads
-read lives entirely on that slow path.
+container (``docs/free-threading.md``, section 1, has the figures): a server whose pool
+threads write keys that other pool threads read would live entirely on that slow path.
 
 CPython's own answer is a flag in the shared count, ``_Py_REF_MAYBE_WEAKREF`` (bit 0), which
 ``_Py_TryIncRefShared`` accepts: it is what creating a weak reference sets, and what 3.14
-exposes as ``PyUnstable_EnableTryIncRef``. :func:`share_fresh` sets it on 3.13, where no API
-does, through ``ctypes``. The flag only says "other threads may take references to this
+exposes as ``PyUnstable_EnableTryIncRef``. On 3.13, where no API does, :func:`mark_shared`
+sets it through ``ctypes``. The flag only says "other threads may take references to this
 object"; reference counting, deallocation and merging at thread exit keep working exactly as
 for an object that once had a weak reference.
 
-Safety contract (caller's duty): the object was created by the calling thread and no other
-thread can reach it yet. Then no other thread can be updating its shared count, so the plain
-store below cannot race. After the object is published (e.g. inserted into a shared dict
-under a lock or by an atomic dict store) the flag is visible to every reader with it.
+The one primitive and its contract
+    :func:`mark_shared` stores 1 into the object's shared count, unchecked. That is safe only
+    for an object the calling thread has just created and that no other thread can reach
+    yet: then no other thread can be updating that count, so the plain store cannot race,
+    and the store publishing the object (a dict store, an attribute store: both end in a
+    sequentially consistent atomic on 3.13t) makes the flag visible with the object. Hot
+    paths inline it as ``SHARED_COUNTS[(id(obj) + SHARED_COUNT_OFFSET) >> 3] = 1`` (one
+    subscript, no call); :func:`str_needs_mark` is the one definition of which strings need
+    it (the others are immortal singletons), and the hot paths inline exactly its
+    expression. ``tests/test_freethreading.py`` and the engine's marking tests check both.
+
+Objects others may already reach
+    :func:`share_attributes` and :func:`share_module_globals` mark objects made earlier,
+    which other threads might already reach. They never store into such an object's count:
+    a weak-referenceable object is flagged by CPython itself (creating a weak reference sets
+    the flag with an atomic compare-and-swap), and an immutable value that is not (int,
+    float, str, bytes, tuple, frozenset) is replaced by an equal copy made here
+    (:func:`shared_copy`), which no other thread can reach until the attribute or global
+    store publishes it. Anything else is left as it is: it stays correct, only slower.
+
+Turning it off
+    ``KVS_MARK_SHARED=0`` in the environment (read at import) turns every mark into a no-op
+    and :data:`SHARED_COUNTS` into None: kvs must stay correct without marks, only slower
+    (``scripts/test`` runs the engine and server tests a second time that way). On a GIL
+    build, or when the object layout check below fails, marking is off too.
 
 The object layout is checked once at import (``ob_type`` at offset 24, ``ob_ref_local`` at 12,
-``ob_ref_shared`` at 16 on 64-bit 3.13t); if the check fails, or on a GIL build, sharing is
-a no-op and :data:`SHARING_ENABLED` is False.
+``ob_ref_shared`` at 16 on 64-bit 3.13t).
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sys
 import sysconfig
 import weakref
-from collections.abc import Iterable
+from typing import Any
 
 log = logging.getLogger("kvs.freethreading")
 
@@ -41,8 +61,10 @@ FREE_THREADED = sysconfig.get_config_var("Py_GIL_DISABLED") == 1
 
 _OB_TID = 0
 _OB_REF_LOCAL = 12
-_OB_REF_SHARED = 16
+SHARED_COUNT_OFFSET = 16
+"""Offset of ``ob_ref_shared`` in an object header (64-bit 3.13t): the one definition."""
 _OB_TYPE = 24
+_IMMORTAL_LOCAL = 0xFFFFFFFF
 _ssize_at = ctypes.c_ssize_t.from_address
 _u32_at = ctypes.c_uint32.from_address
 
@@ -62,169 +84,176 @@ def _layout_is_as_expected() -> bool:
     extra = [probe, probe]
     after = _u32_at(id(probe) + _OB_REF_LOCAL).value
     del extra
-    return after == before + 2 and _ssize_at(id(probe) + _OB_REF_SHARED).value == 0
+    return after == before + 2 and _ssize_at(id(probe) + SHARED_COUNT_OFFSET).value == 0
 
 
-SHARING_ENABLED = _layout_is_as_expected()
-if FREE_THREADED and not SHARING_ENABLED:
+LAYOUT_KNOWN = _layout_is_as_expected()
+"""This interpreter's object headers are laid out as 64-bit free-threaded 3.13's."""
+if FREE_THREADED and not LAYOUT_KNOWN:
     log.warning("free-threaded CPython %s: object layout not recognized; cross-thread dict "
                 "lookups of kvs may take CPython's slow path", sys.version.split()[0])
 
-# The machine words of the address space as one ctypes array (nothing is allocated: it is a
-# view at address 0). ``_WORDS[(id(obj) + 16) >> 3]`` is ``obj``'s shared reference count
-# (objects are 8-byte aligned): one subscript instead of a new ctypes object per access,
-# which is what makes marking a million index entries at ``open`` cheap.
-_WORDS = (ctypes.c_int64 * (1 << 44)).from_address(0) if SHARING_ENABLED else None
+MARKING_ENABLED = LAYOUT_KNOWN and os.environ.get("KVS_MARK_SHARED", "1") != "0"
+"""True when marks are made: a free-threaded 3.13 with the known layout, and
+``KVS_MARK_SHARED`` is not ``0``."""
+
+SHARED_COUNTS: Any = (ctypes.c_int64 * (1 << 44)).from_address(0) if MARKING_ENABLED else None
+"""The machine words of the address space as one ctypes array (a view at address 0, nothing
+allocated), or None when marking is off. ``SHARED_COUNTS[(id(obj) + SHARED_COUNT_OFFSET) >> 3]``
+is ``obj``'s shared reference count (objects are 8-byte aligned): one subscript per mark,
+which is what makes marking a million index entries at ``open`` cheap."""
 
 
-def share_fresh(obj: object) -> None:
-    """Let other threads take references to ``obj`` lock-free (see the module docstring).
+def mark_shared(obj: object) -> None:
+    """Let other threads take references to ``obj`` lock-free: the one primitive.
 
-    ``obj`` must have been created by the calling thread, must not be reachable by any other
-    thread yet, and must not be immortal (small ints, one-character latin-1 strings and
-    interned strings are: they need no flag). Costs about 0.15 us."""
-    if _WORDS is not None:
-        i = (id(obj) + _OB_REF_SHARED) >> 3
-        if _WORDS[i] == 0:
-            _WORDS[i] = 1  # _Py_REF_MAYBE_WEAKREF
+    Contract (see the module docstring): ``obj`` was created by the calling thread, no other
+    thread can reach it yet, and it is not immortal (small ints, one-character latin-1
+    strings and interned strings are; see :func:`str_needs_mark`)."""
+    if SHARED_COUNTS is not None:
+        SHARED_COUNTS[(id(obj) + SHARED_COUNT_OFFSET) >> 3] = 1  # _Py_REF_MAYBE_WEAKREF
 
 
-def shared_count_view() -> "ctypes.Array[ctypes.c_int64] | None":
-    """For hot paths over objects the caller has just created (``open`` building the index,
-    the store's writes and value cache): the word array, or None when sharing is disabled.
-    The caller stores 1 at ``[(id(obj) + 16) >> 3]`` for each new, non-immortal object, under
-    the contract of :func:`share_fresh` (a brand-new object's shared count is 0, so no check
-    is needed)."""
-    return _WORDS
+def str_needs_mark(text: str) -> bool:
+    """False for the immortal singleton strings (the empty string and one-character
+    latin-1 strings), which need no mark and must not get one. Hot paths inline exactly this
+    expression."""
+    return len(text) > 1 or (len(text) == 1 and ord(text) > 0xFF)
 
 
-def share_fresh_str(text: str) -> None:
-    """:func:`share_fresh` for a string just made by ``bytes.decode``: skips the immortal
-    singletons (the empty string and one-character latin-1 strings)."""
-    if len(text) > 1 or (text and ord(text) > 0xFF):
-        share_fresh(text)
-
-
-def is_shareable(obj: object) -> bool:
-    """True when another thread can take a reference to ``obj`` without the slow path
-    (the flag is set, the shared count is non-zero, or the object is immortal). Tests use it."""
-    if not SHARING_ENABLED:
-        return True
-    if _u32_at(id(obj) + _OB_REF_LOCAL).value == 0xFFFFFFFF:
-        return True
-    return _ssize_at(id(obj) + _OB_REF_SHARED).value != 0
+def mark_shared_str(text: str) -> None:
+    """:func:`mark_shared` for a string just made (by ``bytes.decode``, say)."""
+    if SHARED_COUNTS is not None and (len(text) > 1 or (len(text) == 1 and ord(text) > 0xFF)):
+        SHARED_COUNTS[(id(text) + SHARED_COUNT_OFFSET) >> 3] = 1
 
 
 def fresh_shared_int(n: int) -> int:
     """An int equal to ``n`` that other threads can read lock-free: a new object marked
-    shareable, or ``n`` itself when it is a (immortal) small int."""
-    if -5 <= n <= 256:
+    shared, or ``n`` itself when it is a (immortal) small int or marking is off."""
+    if SHARED_COUNTS is None or -5 <= n <= 256:
         return n
-    m = int.from_bytes(n.to_bytes(16, "little", signed=True), "little", signed=True)
-    share_fresh(m)
+    m = int.from_bytes(n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True), "little", signed=True)
+    mark_shared(m)
     return m
 
 
-def _owned_here_and_unshared(obj: object) -> bool:
-    """True when ``obj`` is not immortal, is owned by the calling thread, and no other thread
-    has taken a counted reference to it (its shared count is zero)."""
-    addr = id(obj)
-    if _u32_at(addr + _OB_REF_LOCAL).value == 0xFFFFFFFF:
-        return False
-    probe = object()  # owned by this thread: its ob_tid is ours
-    mine = ctypes.c_size_t.from_address(id(probe) + _OB_TID).value
-    return ctypes.c_size_t.from_address(addr + _OB_TID).value == mine and _ssize_at(addr + _OB_REF_SHARED).value == 0
+def _is_immortal(obj: object) -> bool:
+    return _u32_at(id(obj) + _OB_REF_LOCAL).value == _IMMORTAL_LOCAL
 
 
-def share(obj: object) -> None:
-    """Let other threads take references to ``obj`` lock-free, whoever may already hold it.
-
-    For a weak-referenceable object this asks CPython itself: creating a weak reference sets
-    the flag with an atomic compare-and-swap (``_PyObject_SetMaybeWeakref``). Other objects
-    are left alone (use :func:`share_fresh` for those you just created)."""
-    if SHARING_ENABLED:
-        try:
-            weakref.ref(obj)
-        except TypeError:
-            pass
-
-
-def share_new(obj: object) -> None:
-    """:func:`share` for an object the calling thread just created and has not published:
-    weak-referenceable or not, it gets the flag (immortal objects need none)."""
-    if SHARING_ENABLED:
-        try:
-            weakref.ref(obj)
-        except TypeError:
-            if _owned_here_and_unshared(obj):
-                share_fresh(obj)
-
-
-def share_constants(container: dict | list | tuple, *, recurse: bool = True) -> None:
-    """Mark a module-level constant container built at import, and its items, shareable.
-
-    A dict built at import by a thread that stays alive (the main thread, usually) and read
-    by other threads sends every lookup whose stored key or value is not immortal down
-    CPython 3.13t's locked slow path. Call this right after building it, before any other
-    thread can see it. Items owned by another thread, or already referenced by one, are
-    skipped (they cannot be marked safely)."""
-    if not SHARING_ENABLED:
-        return
-    items: Iterable[object] = container.items() if isinstance(container, dict) else container
-    if _owned_here_and_unshared(container):
-        share_fresh(container)
-    for item in items:
-        for obj in (item if isinstance(container, dict) else (item,)):
-            if _owned_here_and_unshared(obj):
-                share_fresh(obj)
-            if recurse and isinstance(obj, (dict, list, tuple)):
-                share_constants(obj, recurse=False)
+def shared_copy(value: Any) -> Any:
+    """An object equal to the immutable ``value`` (int, float, str, bytes, tuple or frozenset
+    of such), made here and marked shared, for a value that other threads may already reach:
+    it is marked before anyone else can see it, so the mark cannot race. ``value`` itself for
+    an immortal object, another type, or when marking is off."""
+    if SHARED_COUNTS is None or _is_immortal(value):
+        return value
+    kind = type(value)
+    if kind is int:
+        return fresh_shared_int(value)
+    if kind is str:
+        copy: Any = value.encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass")
+    elif kind is bytes:
+        copy = bytes(bytearray(value)) if value else value
+    elif kind is float:
+        copy = float.fromhex(value.hex())
+    elif kind is tuple:
+        if not value:
+            return value
+        copy = tuple([shared_copy(item) for item in value])
+    elif kind is frozenset:
+        copy = frozenset([shared_copy(item) for item in value])
+    else:
+        return value
+    if copy is value or _is_immortal(copy):  # a singleton: nothing to mark
+        return copy
+    mark_shared(copy)
+    return copy
 
 
-def _share_owned(obj: object) -> None:
+def _flag_in_place(obj: object) -> bool:
+    """Flag a weak-referenceable object through CPython's own atomic path; False if ``obj``
+    is not weak-referenceable."""
     try:
-        weakref.ref(obj)  # atomic, by CPython itself
+        weakref.ref(obj)
     except TypeError:
-        if _owned_here_and_unshared(obj):
-            share_fresh(obj)
+        return False
+    return True
 
 
-def share_module_globals(namespace: dict[str, object]) -> None:
-    """Call as the last statement of a module read by many threads: ``share_module_globals(globals())``.
-
-    Every global a function loads (``LOAD_GLOBAL``) is a lookup in the module's dict; on 3.13t
-    a value made at import by a thread that is still alive (struct methods, prebuilt bytes,
-    ints above 256, enum members, constant tables) sends every such load from another thread
-    down the dict's locked slow path, and all worker threads then queue on that one dict's
-    lock. This marks the module's values, the members of classes defined in it, and the items
-    of its constant containers. Runs once per import, before other threads can use the
-    module's new objects (they wait on the import lock)."""
-    if not SHARING_ENABLED:
-        return
-    module = namespace.get("__name__")
-    for value in list(namespace.values()):
-        _share_owned(value)
-        if isinstance(value, type) and getattr(value, "__module__", None) == module:
-            for member in list(vars(value).values()):
-                _share_owned(member)
-        elif isinstance(value, (dict, list, tuple)):
-            share_constants(value)
+def _shared_value(value: Any) -> Any:
+    """``value`` flagged in place when CPython can do it atomically, else a shared copy."""
+    if SHARED_COUNTS is None or _flag_in_place(value):
+        return value
+    return shared_copy(value)
 
 
 def share_attributes(obj: object) -> None:
-    """Mark ``obj`` and its current attribute values shareable (call at the end of an
-    ``__init__`` whose object other threads will read). Values other threads already hold
-    are marked only through CPython's atomic weak-reference path."""
-    if not SHARING_ENABLED:
+    """Make ``obj`` and its current attribute values cheap for other threads to read (call
+    at the end of an ``__init__`` whose object other threads will read): ``obj`` and
+    weak-referenceable values are flagged by CPython's atomic path, immutable values are
+    replaced by shared copies (module docstring). The attributes' values stay equal."""
+    if SHARED_COUNTS is None:
         return
-    _share_owned(obj)
-    values = list(getattr(obj, "__dict__", {}).values())
+    _flag_in_place(obj)
+    names = list(getattr(obj, "__dict__", {}))
     for cls in type(obj).__mro__:
-        for name in getattr(cls, "__slots__", ()):
-            if name not in ("__weakref__", "__dict__"):
-                try:
-                    values.append(getattr(obj, name))
-                except AttributeError:
-                    pass
-    for value in values:
-        _share_owned(value)
+        slots = cls.__dict__.get("__slots__", ())
+        names += [slots] if isinstance(slots, str) else [n for n in slots if n not in ("__weakref__", "__dict__")]
+    for name in names:
+        try:
+            value = getattr(obj, name)
+        except AttributeError:
+            continue
+        shared = _shared_value(value)
+        if shared is not value:
+            object.__setattr__(obj, name, shared)
+
+
+def share_module_globals(namespace: dict[str, Any]) -> None:
+    """Make a hot module's globals cheap for other threads to load. Call it as the module's
+    last statement, ``share_module_globals(globals())``: every module whose functions run on
+    many threads does, in that one visible way.
+
+    Every global a function loads (``LOAD_GLOBAL``) is a lookup in the module's dict; on 3.13t
+    a value made at import by a thread that is still alive (struct methods, prebuilt bytes,
+    ints above 256, constant tables) sends every such load from another thread down the
+    dict's locked slow path. Values are flagged or replaced by shared copies as in
+    :func:`share_attributes`; a constant dict or list built at import is replaced by a copy
+    whose items are shared (its own functions load it by name, so they see the copy); the
+    members of classes defined in the module are flagged in place."""
+    if SHARED_COUNTS is None:
+        return
+    module = namespace.get("__name__")
+    for name, value in list(namespace.items()):
+        if name.startswith("__"):  # __builtins__ and the module's own attributes stay as they are
+            continue
+        if isinstance(value, type):
+            _flag_in_place(value)
+            if value.__module__ == module:
+                for member in list(vars(value).values()):
+                    _flag_in_place(member)
+            continue
+        kind = type(value)
+        if kind is dict:
+            copy: Any = {shared_copy(k): _shared_value(v) for k, v in value.items()}
+        elif kind is list:
+            copy = [_shared_value(v) for v in value]
+        else:
+            copy = _shared_value(value)
+        if copy is not value:
+            if kind is dict or kind is list:
+                mark_shared(copy)
+            namespace[name] = copy
+
+
+def is_shareable(obj: object) -> bool:
+    """True when another thread can take a reference to ``obj`` without the slow path (the
+    flag is set, the shared count is non-zero, or the object is immortal). Tests use it; on
+    an interpreter whose layout is not known it answers True (nothing to tell)."""
+    if not LAYOUT_KNOWN:
+        return True
+    if _is_immortal(obj):
+        return True
+    return _ssize_at(id(obj) + SHARED_COUNT_OFFSET).value != 0
+

@@ -28,6 +28,7 @@ from kvs.thread_pool import (
     make_pool,
 )
 from kvs.thread_pool.failures import JobFailureLog, describe_job
+from tests.helpers import wait_until
 
 TIMEOUT = 30.0  # seconds; only ever reached when something is broken
 ALL_POOLS = list(POOLS)
@@ -64,16 +65,6 @@ class AtomicCounter:
     def value(self) -> int:
         """The number of ``add`` calls so far (only meaningful once they have all returned)."""
         return next(self._count)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
-    """Poll ``condition`` until it holds (True) or ``timeout`` passes (False)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.001)
-    return True
 
 
 def new_threads(before: set[threading.Thread]) -> list[threading.Thread]:
@@ -667,57 +658,60 @@ def test_random_interleavings_of_nested_spawns_producers_and_shutdown(name: str)
     producers pausing at random, and a shutdown (waiting or not) at a random moment while
     all that runs. Invariants: every spawn that returned normally ran its job exactly once,
     every refused one never ran, and no thread is left. The seed is in the failure message."""
-    rounds = 10 if name == "naive" else 50
-    for round_ in range(rounds):
-        seed = random.randrange(2**32)
-        rng = random.Random(seed)
-        before = set(threading.enumerate())
-        pool = make_pool(name, rng.randint(1, 4))
-        accepted = AtomicCounter()
-        ran = AtomicCounter()
-        depth_limit = 1 if name == "naive" else 3
+    for _ in range(10 if name == "naive" else 50):
+        random_round(name, random.randrange(2**32))
 
-        def node(depth: int, fanout: int) -> None:
-            ran.add()
-            for _ in range(fanout if depth > 0 else 0):
-                try:
-                    pool.spawn(functools.partial(node, depth - 1, fanout))
-                except RuntimeError:
-                    return  # shut down meanwhile: refused, and never runs
-                accepted.add()
 
-        def produce(jobs: int, pause_every: int, depth: int, fanout: int) -> None:
-            for i in range(jobs):
-                try:
-                    pool.spawn(functools.partial(node, depth, fanout))
-                except RuntimeError:
-                    return
-                accepted.add()
-                if i % pause_every == 0:
-                    time.sleep(0.0002)  # let the workers run dry and park now and then
+def random_round(name: str, seed: int) -> None:
+    """One round of the test above, all of it drawn from ``seed``."""
+    rng = random.Random(seed)
+    before = set(threading.enumerate())
+    pool = make_pool(name, rng.randint(1, 4))
+    accepted = AtomicCounter()
+    ran = AtomicCounter()
+    depth_limit = 1 if name == "naive" else 3
 
-        producers = [
-            threading.Thread(
-                target=produce,
-                args=(
-                    rng.randint(0, 40 if name == "naive" else 200),
-                    rng.randint(1, 50),
-                    rng.randint(0, depth_limit),
-                    rng.randint(1, 3),
-                ),
-            )
-            for _ in range(rng.randint(1, 4))
-        ]
-        for producer in producers:
-            producer.start()
-        if rng.random() < 0.5:
-            time.sleep(rng.random() * 0.005)  # shut down at a random moment of the run
-        pool.shutdown(wait=rng.random() < 0.5)
-        for producer in producers:
-            producer.join(TIMEOUT)
-        pool.shutdown(wait=True)
-        assert ran.value() == accepted.value(), f"seed {seed}"
-        assert new_threads(before) == [], f"seed {seed}"
+    def node(depth: int, fanout: int) -> None:
+        ran.add()
+        for _ in range(fanout if depth > 0 else 0):
+            try:
+                pool.spawn(functools.partial(node, depth - 1, fanout))
+            except RuntimeError:
+                return  # shut down meanwhile: refused, and never runs
+            accepted.add()
+
+    def produce(jobs: int, pause_every: int, depth: int, fanout: int) -> None:
+        for i in range(jobs):
+            try:
+                pool.spawn(functools.partial(node, depth, fanout))
+            except RuntimeError:
+                return
+            accepted.add()
+            if i % pause_every == 0:
+                time.sleep(0.0002)  # let the workers run dry and park now and then
+
+    producers = [
+        threading.Thread(
+            target=produce,
+            args=(
+                rng.randint(0, 40 if name == "naive" else 200),
+                rng.randint(1, 50),
+                rng.randint(0, depth_limit),
+                rng.randint(1, 3),
+            ),
+        )
+        for _ in range(rng.randint(1, 4))
+    ]
+    for producer in producers:
+        producer.start()
+    if rng.random() < 0.5:
+        time.sleep(rng.random() * 0.005)  # shut down at a random moment of the run
+    pool.shutdown(wait=rng.random() < 0.5)
+    for producer in producers:
+        producer.join(TIMEOUT)
+    pool.shutdown(wait=True)
+    assert ran.value() == accepted.value(), f"seed {seed}"
+    assert new_threads(before) == [], f"seed {seed}"
 
 
 # -- idleness -------------------------------------------------------------------------------------

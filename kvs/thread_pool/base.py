@@ -43,6 +43,8 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import ClassVar, Self
 
+from kvs.freethreading import share_module_globals
+
 #: What a pool runs: called with no arguments, its result ignored.
 Job = Callable[[], object]
 
@@ -56,6 +58,10 @@ class ThreadPool(abc.ABC):
 
     name: ClassVar[str]
     threads: int
+
+    @abc.abstractmethod
+    def __init__(self, threads: int) -> None:
+        """Start ``threads`` threads before returning (see the module docstring)."""
 
     @abc.abstractmethod
     def spawn(self, job: Job) -> None:
@@ -104,3 +110,6 @@ def check_job(job: Job) -> None:
 def closed_error(pool: ThreadPool) -> RuntimeError:
     """The error ``spawn`` raises once ``pool`` is shut down."""
     return RuntimeError(f"cannot spawn a job on {pool.name} pool: it has been shut down")
+
+
+share_module_globals(globals())

@@ -32,6 +32,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from kvs.freethreading import share_module_globals
 from kvs.thread_pool.base import Job, ThreadPool, check_job, check_thread_count
 from kvs.thread_pool.failures import JobFailureLog
 
@@ -88,3 +89,6 @@ def _wait_at(barrier: threading.Barrier) -> None:
         barrier.wait()
     except threading.BrokenBarrierError:
         pass  # priming was aborted: the constructor is shutting the executor down
+
+
+share_module_globals(globals())

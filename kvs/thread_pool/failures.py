@@ -31,6 +31,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from kvs.freethreading import share_module_globals
+
 logger = logging.getLogger("kvs.thread_pool")
 
 #: Failures logged with their traceback per window, by default.
@@ -144,3 +146,6 @@ class JobFailureLog:
             by_type,
             extra={"suppressed_failures": total},
         )
+
+
+share_module_globals(globals())

@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import threading
 
+from kvs.freethreading import share_module_globals
 from kvs.thread_pool.base import Job, ThreadPool, check_job, check_thread_count, closed_error
 from kvs.thread_pool.failures import JobFailureLog
 
@@ -103,9 +104,12 @@ class NaiveThreadPool(ThreadPool):
         except BaseException as exc:
             self._failures.report(job, exc)
         finally:
-            job = None  # type: ignore[assignment]  # drop it before the thread ends
+            del job  # drop it before the thread ends
             with self._lock:
                 self._running -= 1
                 last_after_shutdown = self._closed and self._running == 0
             if last_after_shutdown:
                 self._failures.flush()
+
+
+share_module_globals(globals())

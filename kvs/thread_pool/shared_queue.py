@@ -30,10 +30,13 @@ import itertools
 import queue
 import threading
 
+from kvs.freethreading import share_module_globals
 from kvs.thread_pool.base import Job, ThreadPool, check_thread_count, closed_error
 from kvs.thread_pool.failures import JobFailureLog
 
-_STOP = object()  # queued once per worker by shutdown: "no job will come after this"
+
+def _STOP() -> None:
+    """Queued once per worker by shutdown: "no job will come after this". Never run."""
 _pool_ids = itertools.count()
 
 
@@ -44,7 +47,7 @@ class SharedQueueThreadPool(ThreadPool):
 
     def __init__(self, threads: int) -> None:
         self.threads = check_thread_count(threads)
-        self._jobs: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._put = self._jobs.put  # looked up once: 3.13t does not specialize attribute access
         self._admission = threading.Lock()
         self._closed = False  # guarded by _admission
@@ -86,13 +89,17 @@ class SharedQueueThreadPool(ThreadPool):
         self._local.inside = True
         get = self._jobs.get
         failures = self._failures
+        stop = _STOP  # a local: no module-global load per job
         while True:
             job = get()
-            if job is _STOP:
+            if job is stop:
                 break
             try:
-                job()  # type: ignore[operator]  # only callables are queued, besides _STOP
+                job()
             except BaseException as exc:
                 failures.report(job, exc)
-            job = None  # drop the job (and what it holds) before blocking for the next one
+            del job  # drop the job (and what it holds) before blocking for the next one
         failures.flush()
+
+
+share_module_globals(globals())

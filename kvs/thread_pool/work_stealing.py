@@ -119,6 +119,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 
+from kvs.freethreading import share_module_globals
 from kvs.thread_pool.base import Job, ThreadPool, check_thread_count, closed_error
 from kvs.thread_pool.failures import JobFailureLog
 
@@ -235,7 +236,7 @@ class WorkStealingThreadPool(ThreadPool):
         owner = _LaneOwner()
         # The finalizer holds the pool weakly: a thread outliving the pool keeps no pool alive.
         finalizer = weakref.finalize(owner, _retire_lane, weakref.ref(self), lane)
-        finalizer.atexit = False
+        finalizer.atexit = False  # type: ignore[misc]  # documented API; typeshed's __slots__ omit it
         with self._idle_lock:
             self._set_lanes((*self._lanes, lane))
         self._local.lane_owner = owner
@@ -320,6 +321,7 @@ class WorkStealingThreadPool(ThreadPool):
         failures = self._failures
         burst = range(LANE_BURST)
         lanes: tuple[tuple[deque[Job], Callable[[], Job]], ...] = ()
+        job: Job | None = None
         while True:
             # 1. Own deque, newest first.
             while jobs:
@@ -440,3 +442,6 @@ def _retire_lane(pool_ref: weakref.ref[WorkStealingThreadPool], lane: deque[Job]
     pool = pool_ref()
     if pool is not None:
         pool._retire_lane(lane)
+
+
+share_module_globals(globals())
