@@ -2,7 +2,8 @@
 
 Keys and values are UTF-8 text; the limits are on their encoded length in bytes. They are
 defaults: `KvStore.open`, `SqliteKvsEngine.open` and `KvsServer` take overrides.
-:func:`encode_text` is the one check of a key or value that engines and encoders share.
+:func:`encode_text` is the one check of a key or value that engines and encoders share
+(:func:`check_str` its type check).
 """
 
 from kvs.errors import KvsError
@@ -14,13 +15,19 @@ DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024
 """Longest value, in UTF-8 bytes (16 MiB)."""
 
 
+def check_str(value: object, what: str) -> str:
+    """``value`` as an exact ``str`` (a ``str`` subclass is copied into one); ``TypeError``
+    for anything else. ``what`` names it ("key")."""
+    if isinstance(value, str):
+        return str(value)
+    raise TypeError(f"{what} must be str, not {type(value).__name__}")
+
+
 def encode_text(text: str, what: str, limit: int) -> bytes:
     """``text`` as UTF-8 bytes, checked: ``TypeError`` for a non-str, ``KvsError`` for a
     string with lone surrogates or longer than ``limit`` bytes. ``what`` names it ("key")."""
     if type(text) is not str:
-        if not isinstance(text, str):
-            raise TypeError(f"{what} must be str, not {type(text).__name__}")
-        text = str(text)
+        text = check_str(text, what)
     try:
         data = text.encode()
     except UnicodeEncodeError as exc:

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kvs.engine import FsyncPolicy
 from kvs.engine.kvstore import KvStore
 from kvs.engine.sqlite import SqliteKvsEngine
 from kvs.errors import KvsError
-from kvs.server.resp_session import RespSession
-from kvs.server.sessions import KvsSession
 from kvs.protocol import ResponseDecoder, encode_set
+from kvs.server.kvs_session import KvsSession
+from kvs.server.resp_session import RespSession
+from kvs.server.sessions import ServerFacts
 
 
 @pytest.fixture(params=["kvstore", "sqlite"])
@@ -113,31 +115,45 @@ def test_set_many_batches_are_linearizable_per_key(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- sessions
-class _Server:
-    """What ``RespSession`` reads of its server."""
+def _facts(engine: Any) -> ServerFacts:
+    """What a ``RespSession`` may know of its server, for a session made without one."""
+    return ServerFacts(address=("127.0.0.1", 0), max_connections=1, max_key_bytes=1024,
+                       max_value_bytes=1 << 20, io_model="test", pool_name="test", pool_threads=1,
+                       engine_name=engine.name, engine_fsync=engine.fsync, started_at=0.0,
+                       connection_count=lambda: 1, total_commands=lambda: 0)
 
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-        self.max_key_bytes = 1024
-        self.max_value_bytes = 1 << 20
 
+class _RefusingBatchEngine:
+    """An engine whose ``set_many`` refuses every batch: the sessions must fall back to
+    ``set``, one command at a time."""
 
-class _NoBatchEngine:
-    """An engine without ``set_many``: the sessions must fall back to ``set``."""
+    name = "refusing"
+    fsync: FsyncPolicy = "never"
 
     def __init__(self) -> None:
         self.data: dict[str, str] = {}
         self.calls = 0
+        self.batches = 0
 
     def set(self, key: str, value: str) -> None:
         self.calls += 1
         self.data[key] = value
+
+    def set_many(self, items: Sequence[tuple[str, str]]) -> None:
+        self.batches += 1
+        raise KvsError("no batches here")
 
     def get(self, key: str) -> str | None:
         return self.data.get(key)
 
     def remove(self, key: str) -> None:
         del self.data[key]
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def close(self) -> None:
+        pass
 
 
 def _resp_set(key: bytes, value: bytes) -> bytes:
@@ -146,7 +162,7 @@ def _resp_set(key: bytes, value: bytes) -> bytes:
 
 def test_pipelined_resp_sets_answer_each_command_as_alone(tmp_path: Path) -> None:
     with KvStore.open(tmp_path / "d", max_value_bytes=100) as store:
-        session = RespSession(_Server(store), "test")  # type: ignore[arg-type]
+        session = RespSession(store, "test", _facts(store))
         run = (_resp_set(b"a", b"1") + _resp_set(b"b", b"\xff\xfe") + _resp_set(b"c", b"3")
                + _resp_set(b"d", b"v" * 101) + _resp_set(b"e", b"5")
                + b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n" + _resp_set(b"a", b"6") + _resp_set(b"f", b"7"))
@@ -158,14 +174,15 @@ def test_pipelined_resp_sets_answer_each_command_as_alone(tmp_path: Path) -> Non
         assert session.commands == 8
 
 
-def test_pipelined_sets_fall_back_without_set_many() -> None:
-    engine = _NoBatchEngine()
-    session = RespSession(_Server(engine), "test")  # type: ignore[arg-type]
+def test_pipelined_sets_fall_back_to_set_when_the_batch_is_refused() -> None:
+    engine = _RefusingBatchEngine()
+    session = RespSession(engine, "test", _facts(engine))
     assert session.handle(_resp_set(b"a", b"1") + _resp_set(b"b", b"2")) == b"+OK\r\n+OK\r\n"
-    assert engine.data == {"a": "1", "b": "2"} and engine.calls == 2
-    kvs = KvsSession(engine, "test", max_key_bytes=1024, max_value_bytes=1024)  # type: ignore[arg-type]
+    assert engine.data == {"a": "1", "b": "2"} and engine.calls == 2 and engine.batches == 1
+    kvs = KvsSession(engine, "test", max_key_bytes=1024, max_value_bytes=1024)
     replies = ResponseDecoder().feed(kvs.handle(encode_set("c", "3") + encode_set("d", "4")))
     assert len(replies) == 2 and engine.data["c"] == "3" and engine.data["d"] == "4"
+    assert engine.calls == 4 and engine.batches == 2
 
 
 def test_pipelined_kvs_sets_use_one_batch(tmp_path: Path) -> None:

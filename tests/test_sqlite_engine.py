@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,17 +19,9 @@ import kvs.engine.sqlite as sqlite_engine
 from kvs.engine.base import KvsEngine
 from kvs.engine.sqlite import DB_FILE, SqliteKvsEngine
 from kvs.errors import KeyNotFoundError, KvsError
+from tests.helpers import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    """Poll ``condition`` until true; fail after ``timeout`` seconds (a deadline, not a sleep)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def open_fds() -> int:
@@ -452,7 +443,7 @@ def test_thousand_threads_each_set_one_key(tmp_path: Path) -> None:
         def one(i: int) -> None:
             try:
                 eng.set(f"thread-{i}", f"value-{i}")
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
@@ -483,7 +474,7 @@ def test_close_while_threads_are_busy(tmp_path: Path) -> None:
                 if "closed" not in str(exc):
                     unexpected.append(exc)
                 return
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 unexpected.append(exc)
                 return
             i += 1

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from kvs.engine.base import KvsEngine
+from kvs.engine.base import FSYNC_POLICIES, FsyncPolicy, KvsEngine, check_fsync_policy
 from kvs.engine.datadir import detect_engine
 from kvs.engine.kvstore import KvStore
 from kvs.engine.sqlite import SqliteKvsEngine
 from kvs.errors import KvsError
 
-ENGINES: dict[str, Any] = {"kvs": KvStore, "sqlite": SqliteKvsEngine}
+ENGINES: dict[str, type[KvStore] | type[SqliteKvsEngine]] = {"kvs": KvStore, "sqlite": SqliteKvsEngine}
 """Engine name (as recorded in a data directory and given to ``--engine``) to class."""
 
 
@@ -24,4 +24,5 @@ def open_engine(name: str, path: str | os.PathLike[str], **options: Any) -> KvsE
     return cls.open(path, **options)
 
 
-__all__ = ["ENGINES", "KvStore", "KvsEngine", "SqliteKvsEngine", "detect_engine", "open_engine"]
+__all__ = ["ENGINES", "FSYNC_POLICIES", "FsyncPolicy", "KvStore", "KvsEngine", "SqliteKvsEngine",
+           "check_fsync_policy", "detect_engine", "open_engine"]

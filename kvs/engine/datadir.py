@@ -30,7 +30,7 @@ def detect_engine(path: str | os.PathLike[str]) -> str | None:
     return None if meta is None else str(meta.get("engine"))
 
 
-def _read_meta(path: Path) -> dict | None:
+def _read_meta(path: Path) -> dict[str, object] | None:
     try:
         raw = (path / META_FILE).read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -46,7 +46,7 @@ import time
 import weakref
 
 
-class ReaderSlot(list):
+class ReaderSlot(list[int]):
     """A reader thread's announcement slot: ``[counter]``, odd while inside a read."""
 
     __slots__ = ("__weakref__",)

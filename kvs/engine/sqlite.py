@@ -34,9 +34,9 @@ Connections and locking
       by a user thread that is blocked elsewhere when ``close()`` runs would stay alive, and
       ``sqlite3_close_v2`` would leave its connection a "zombie": descriptors open and the
       final WAL checkpoint skipped. Made and closed by the keeper, they are really closed when
-      ``close()`` returns. (Measured here: with 20 reader threads parked in ``Event.wait``,
-      ``close()`` left 42 descriptors and the ``-wal``/``-shm`` files behind before this; none
-      after.) Reader creation (once per thread) costs one round trip to the keeper.
+      ``close()`` returns (``test_reader_connections_are_released`` checks it with reader
+      threads parked elsewhere: no descriptor and no ``-wal``/``-shm`` file is left behind). Reader
+      creation (once per thread) costs one round trip to the keeper.
     - A reader whose thread exits is closed soon after: the thread-local also holds a sentinel
       object whose ``weakref.finalize`` callback (run by the exiting thread when its locals are
       cleared) takes the reader out of the registry and posts its closing to the keeper.
@@ -67,7 +67,8 @@ Durability (the ``fsync`` option; the names are shared with ``KvStore``)
       ``write()`` but not fsynced, so an acknowledged write survives the process being killed
       (kill -9) but not necessarily a power loss or kernel crash; after one, the database is
       still consistent (the WAL is checksummed) but may lack the latest writes. SQLite fsyncs
-      during its checkpoints (every ~1000 WAL pages, and at ``close()``).
+      during its checkpoints (every ``wal_autocheckpoint`` pages, SQLite's default, and at
+      ``close()``).
     - ``"always"``: ``synchronous=FULL``. The WAL is fsynced at every commit, before ``set`` or
       ``remove`` returns: an acknowledged write survives power loss.
     - ``"interval"``: ``synchronous=NORMAL`` plus a daemon thread that every ``fsync_interval``
@@ -93,12 +94,12 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
-from kvs.engine.base import encode_text
+from kvs.engine.base import FsyncPolicy, check_fsync_policy
 from kvs.engine.datadir import DataDir, fsync_dir
 from kvs.errors import KeyNotFoundError, KvsError
-from kvs.limits import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES
+from kvs.limits import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES, encode_text
 
-__all__ = ["SqliteKvsEngine", "FSYNC_MODES", "DB_FILE", "FORMAT_VERSION"]
+__all__ = ["SqliteKvsEngine", "DB_FILE", "FORMAT_VERSION"]
 
 log = logging.getLogger("kvs.engine.sqlite")
 
@@ -108,10 +109,7 @@ ENGINE_NAME = "sqlite"
 FORMAT_VERSION = 1
 DB_FILE = "kvs.sqlite3"
 
-FSYNC_MODES = ("never", "always", "interval")
-"""Accepted values of the ``fsync`` option (see the module docstring)."""
-
-_SYNCHRONOUS = {"never": "NORMAL", "always": "FULL", "interval": "NORMAL"}
+_SYNCHRONOUS: dict[FsyncPolicy, str] = {"never": "NORMAL", "always": "FULL", "interval": "NORMAL"}
 
 _BUSY_TIMEOUT = 5.0
 """Seconds a connection waits for a lock held by another connection (another process that
@@ -119,6 +117,7 @@ opened the file directly, or a checkpoint) before failing with "database is lock
 
 _SQL_CREATE = "CREATE TABLE IF NOT EXISTS kv (key BLOB PRIMARY KEY NOT NULL, value BLOB NOT NULL) WITHOUT ROWID"
 _SQL_GET = "SELECT value FROM kv WHERE key = ?"
+_SQL_COUNT = "SELECT COUNT(*) FROM kv"
 _SQL_SET = "INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 _SQL_REMOVE = "DELETE FROM kv WHERE key = ?"
 _SQL_FLUSH = "PRAGMA wal_checkpoint(FULL)"
@@ -166,21 +165,21 @@ class _Keeper:
     def call(self, fn: Callable[[], _T]) -> _T:
         """Run ``fn`` on the keeper thread; return its result or raise its exception."""
         done = threading.Event()
-        box: list[Any] = []
+        results: list[_T] = []
+        errors: list[BaseException] = []
 
         def job() -> None:
             try:
-                box.append((True, fn()))
+                results.append(fn())
             except BaseException as exc:
-                box.append((False, exc))
+                errors.append(exc)
             done.set()
 
         self.jobs.put(job)
         done.wait()
-        ok, result = box[0]
-        if not ok:
-            raise result
-        return result
+        if errors:
+            raise errors[0]
+        return results[0]
 
     def stop(self) -> None:
         """Run the queued jobs, then end the thread (which also frees what it still owns)."""
@@ -194,10 +193,10 @@ class _Reader:
 
     __slots__ = ("lock", "conn", "cursor")
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, cursor: sqlite3.Cursor) -> None:
         self.lock = threading.Lock()
         self.conn: sqlite3.Connection | None = conn
-        self.cursor: sqlite3.Cursor | None = conn.cursor()
+        self.cursor: sqlite3.Cursor | None = cursor
 
     def close(self) -> None:
         """Close the connection (once); errors are ignored, a reader has nothing to flush.
@@ -263,7 +262,7 @@ class SqliteKvsEngine:
         cls,
         path: str | os.PathLike[str],
         *,
-        fsync: str = "never",
+        fsync: FsyncPolicy = "never",
         fsync_interval: float = 1.0,
         max_key_bytes: int = DEFAULT_MAX_KEY_BYTES,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
@@ -285,13 +284,12 @@ class SqliteKvsEngine:
         self,
         path: str | os.PathLike[str],
         *,
-        fsync: str = "never",
+        fsync: FsyncPolicy = "never",
         fsync_interval: float = 1.0,
         max_key_bytes: int = DEFAULT_MAX_KEY_BYTES,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
     ) -> None:
-        if not isinstance(fsync, str) or fsync not in FSYNC_MODES:
-            raise KvsError(f"unknown fsync mode {fsync!r}, expected one of: {', '.join(FSYNC_MODES)}")
+        fsync = check_fsync_policy(fsync)
         if (
             isinstance(fsync_interval, bool)
             or not isinstance(fsync_interval, (int, float))
@@ -303,7 +301,7 @@ class SqliteKvsEngine:
             if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
                 raise KvsError(f"{what} must be a positive int, not {limit!r}")
 
-        self.fsync = fsync
+        self._fsync: FsyncPolicy = fsync
         self.fsync_interval = float(fsync_interval)
         self._max_key_bytes = max_key_bytes
         self._max_value_bytes = max_value_bytes
@@ -352,7 +350,7 @@ class SqliteKvsEngine:
             (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
             if str(mode).lower() != "wal":
                 raise KvsError(f"data directory {self.path}: sqlite refused WAL mode (journal_mode is {mode!r})")
-            conn.execute(f"PRAGMA synchronous = {_SYNCHRONOUS[self.fsync]}")
+            conn.execute(f"PRAGMA synchronous = {_SYNCHRONOUS[self._fsync]}")
             conn.execute(_SQL_CREATE)
             cur = conn.cursor()
             cur.execute("BEGIN")
@@ -362,7 +360,7 @@ class SqliteKvsEngine:
             cur.execute("ROLLBACK")
             cur.execute("BEGIN")
             cur.execute("COMMIT")
-            if self.fsync == "interval":
+            if self._fsync == "interval":
                 cur.execute(_SQL_FLUSH).fetchall()
             if fresh:
                 fsync_dir(self.path)  # the new database file's directory entry
@@ -384,12 +382,13 @@ class SqliteKvsEngine:
             raise self._error(exc, "get") from None
         try:
             conn.execute("PRAGMA query_only = ON")
-            reader = _Reader(conn)
-            reader.cursor.execute(_SQL_GET, (b"",)).fetchall()  # type: ignore[union-attr]
+            cursor = conn.cursor()
+            cursor.execute(_SQL_GET, (b"",)).fetchall()
+            cursor.execute(_SQL_COUNT).fetchall()
         except sqlite3.Error as exc:
             conn.close()
             raise self._error(exc, "get") from None
-        return reader
+        return _Reader(conn, cursor)
 
     def _close_connections(self, readers: list[_Reader], writer: sqlite3.Connection | None) -> None:
         """Close the readers, then the writer: SQLite checkpoints the WAL into the database
@@ -491,23 +490,15 @@ class SqliteKvsEngine:
         if self._closed:
             raise self._closed_error()
         kb = encode_text(key, "key", self._max_key_bytes)
-        try:
-            reader = self._local.reader
-        except AttributeError:
-            reader = self._attach_reader()
-        with reader.lock:
-            cur = reader.cursor
-            if cur is None:
-                raise self._closed_error()
-            try:
-                row = cur.execute(_SQL_GET, (kb,)).fetchone()
-            except sqlite3.Error as exc:
-                raise self._error(exc, "get") from None
+        row = self._read_row(_SQL_GET, (kb,), "get")
         if row is None:
             return None
+        stored = row[0]
         try:
-            return row[0].decode()
-        except (UnicodeDecodeError, AttributeError):
+            if not isinstance(stored, bytes):
+                raise TypeError("not bytes")
+            return stored.decode()
+        except (UnicodeDecodeError, TypeError):
             raise KvsError(
                 f"data directory {self.path}: sqlite database is damaged: a stored value is not UTF-8 bytes"
             ) from None
@@ -551,6 +542,36 @@ class SqliteKvsEngine:
             self._dir.close()
             log.debug("closed %s", self._db)
 
+    def __len__(self) -> int:
+        """The number of keys (a snapshot when writers are active): a count on the calling
+        thread's reader connection, like ``get``."""
+        if self._closed:
+            raise self._closed_error()
+        row = self._read_row(_SQL_COUNT, (), "len")
+        return int(row[0]) if row is not None else 0
+
+    def _read_row(self, sql: str, params: tuple[bytes, ...], what: str) -> tuple[Any, ...] | None:
+        """The first row of the read-only query ``sql`` on the calling thread's reader
+        connection (attached on first use); ``KvsError`` once the engine is closed."""
+        try:
+            reader = self._local.reader
+        except AttributeError:
+            reader = self._attach_reader()
+        with reader.lock:
+            cur = reader.cursor
+            if cur is None:
+                raise self._closed_error()
+            try:
+                row: tuple[Any, ...] | None = cur.execute(sql, params).fetchone()
+            except sqlite3.Error as exc:
+                raise self._error(exc, what) from None
+        return row
+
+    @property
+    def fsync(self) -> FsyncPolicy:
+        """The durability policy the engine was opened with (see the module docstring)."""
+        return self._fsync
+
     @property
     def closed(self) -> bool:
         return self._closed
@@ -568,4 +589,4 @@ class SqliteKvsEngine:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"<SqliteKvsEngine {str(self.path)!r} fsync={self.fsync} {state}>"
+        return f"<SqliteKvsEngine {str(self.path)!r} fsync={self._fsync} {state}>"
