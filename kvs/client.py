@@ -11,13 +11,14 @@ from __future__ import annotations
 import select
 import socket
 from types import TracebackType
-from typing import Any
 
 from kvs.address import parse_address
 from kvs.errors import KeyNotFoundError, KvsError
+from kvs.freethreading import share_module_globals
 from kvs.limits import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES
 from kvs.protocol import (
     ProtocolError,
+    Response,
     ResponseDecoder,
     Status,
     encode_get,
@@ -27,6 +28,10 @@ from kvs.protocol import (
 )
 
 _GET, _SET, _REMOVE, _PING = "get", "set", "remove", "ping"
+Decoded = Response | ProtocolError
+"""One item the response decoder yields: a response, or a malformed one's error."""
+Outcome = str | KvsError | None
+"""What one request came to: a value, an error, or nothing (see ``Pipeline``)."""
 _READABLE = select.POLLIN | select.POLLERR | select.POLLHUP
 
 
@@ -47,7 +52,7 @@ class KvsClient:
         self._limits = {"max_key_bytes": max_key_bytes}
         self._max_value = max_value_bytes
         self._decoder = ResponseDecoder(max_value_bytes=max_value_bytes)
-        self._pending: list = []  # decoded responses not yet consumed
+        self._pending: list[Decoded] = []  # decoded responses not yet consumed
         try:
             self._sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
@@ -81,10 +86,10 @@ class KvsClient:
         return Pipeline(self)
 
     # ------------------------------------------------------------------ plumbing
-    def _call(self, frame: bytes) -> Any:
+    def _call(self, frame: bytes) -> Decoded:
         return self._exchange([frame])[0]
 
-    def _exchange(self, frames: list[bytes]) -> list:
+    def _exchange(self, frames: list[bytes]) -> list[Decoded]:
         """Send ``frames`` and read one response each, interleaving writes and reads so
         that a long pipeline cannot deadlock against a server blocked on its own send."""
         if self._closed:
@@ -119,7 +124,7 @@ class KvsClient:
         self._pending = got[want:]
         return got[:want]
 
-    def _receive(self, into: list) -> None:
+    def _receive(self, into: list[Decoded]) -> None:
         chunk = self._sock.recv(256 * 1024)
         if not chunk:
             raise ConnectionError("the server closed the connection")
@@ -143,7 +148,7 @@ class KvsClient:
         self.close()
 
 
-def _result(kind: str, resp: Any) -> Any:
+def _result(kind: str, resp: Decoded) -> str | None:
     """The value of one response to a request of ``kind``, or the error it carries raised."""
     outcome = _outcome(kind, resp)
     if isinstance(outcome, KvsError):
@@ -151,7 +156,9 @@ def _result(kind: str, resp: Any) -> Any:
     return outcome
 
 
-def _outcome(kind: str, resp: Any) -> Any:
+def _outcome(kind: str, resp: Decoded) -> Outcome:
+    if isinstance(resp, ProtocolError):  # a malformed response, skipped by the decoder
+        return KvsError(f"bad response from the server: {resp}")
     status, value = resp
     if status is Status.VALUE:
         return value
@@ -175,7 +182,7 @@ class Pipeline:
         self._client = client
         self._frames: list[bytes] = []
         self._kinds: list[str] = []
-        self._results: list | None = None
+        self._results: list[Outcome] | None = None
 
     def get(self, key: str) -> Pipeline:
         return self._queue(_GET, encode_get(key, **self._client._limits))
@@ -200,15 +207,15 @@ class Pipeline:
     def __len__(self) -> int:
         return len(self._frames)
 
-    def execute(self) -> list:
+    def execute(self) -> list[Outcome]:
         """Send every queued request, wait for all responses; the results (see class doc)."""
         if self._results is None:
             responses = self._client._exchange(self._frames) if self._frames else []
-            self._results = [_outcome(k, r) for k, r in zip(self._kinds, responses)]
+            self._results = [_outcome(k, r) for k, r in zip(self._kinds, responses, strict=True)]
             self._frames = []
         return self._results
 
-    def results(self) -> list:
+    def results(self) -> list[Outcome]:
         """The results, executing the pipeline first if needed."""
         return self.execute()
 
@@ -220,7 +227,5 @@ class Pipeline:
         if exc_type is None:
             self.execute()
 
-
-from kvs.freethreading import share_module_globals  # noqa: E402  (last: marks this module's globals)
 
 share_module_globals(globals())

@@ -30,44 +30,23 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from kvs.errors import KvsError
+from kvs.errors import ProtocolError
+from kvs.freethreading import share_module_globals
 from kvs.limits import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES, encode_text
 
 __all__ = [
-    "MAX_MESSAGE_BYTES",
-    "PROTOCOL_VERSION",
-    "REQUEST_HEADER_SIZE",
-    "REQUEST_MAGIC",
-    "RESPONSE_HEADER_SIZE",
-    "RESPONSE_MAGIC",
-    "NOT_FOUND_RESPONSE",
-    "OK_RESPONSE",
-    "PONG_RESPONSE",
-    "Op",
-    "ProtocolError",
-    "Request",
-    "RequestDecoder",
-    "Response",
-    "ResponseDecoder",
-    "Status",
-    "complete_frames_length",
-    "encode_error",
-    "encode_fatal",
-    "encode_get",
-    "encode_not_found",
-    "encode_ok",
-    "encode_ping",
-    "encode_pong",
-    "encode_remove",
-    "encode_request",
-    "encode_response",
-    "encode_set",
-    "encode_value",
-    "max_request_frame_bytes",
-    "parse_requests",
-    "parse_responses",
+    # the wire format
+    "MAX_MESSAGE_BYTES", "PROTOCOL_VERSION", "REQUEST_HEADER_SIZE", "REQUEST_MAGIC", "RESPONSE_HEADER_SIZE",
+    "RESPONSE_MAGIC", "Op", "Status", "max_request_frame_bytes",
+    # values and errors
+    "ProtocolError", "Request", "Response",
+    # requests
+    "RequestDecoder", "encode_get", "encode_ping", "encode_remove", "encode_request", "encode_set", "parse_requests",
+    # responses
+    "NOT_FOUND_RESPONSE", "OK_RESPONSE", "PONG_RESPONSE", "ResponseDecoder", "encode_error", "encode_fatal",
+    "encode_not_found", "encode_ok", "encode_pong", "encode_response", "encode_value", "parse_responses",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -89,6 +68,9 @@ MAX_MESSAGE_BYTES = 4096
 """Longest error message ``encode_error``/``encode_fatal`` put on the wire (longer ones are cut)."""
 
 _U32_MAX = 0xFFFFFFFF
+
+Buffer = bytes | bytearray | memoryview
+"""What the parsers read from."""
 
 _REQ_HEADER = struct.Struct(">HHII")  # (magic << 8 | version), (op << 8 | flags), key len, value len
 _RESP_HEADER = struct.Struct(">HHI")  # (magic << 8 | version), (status << 8 | flags), payload len
@@ -141,36 +123,6 @@ _NO_PAYLOAD = frozenset({Status.OK, Status.NOT_FOUND, Status.PONG})
 # Values
 
 
-class ProtocolError(KvsError):
-    """Bytes that break the protocol.
-
-    ``fatal`` False: one frame was malformed but its extent was known; it has been skipped and
-    the stream continues (the server answers it with an ERROR response, in order).
-    ``fatal`` True: the stream cannot be framed any more; the server sends a FATAL response
-    and closes the connection; a decoder that raised it stays failed.
-
-    When a decoder raises a fatal error, ``preceding`` holds the items it decoded from the
-    same input before the offending frame (to be answered before closing), and ``offset`` is
-    the number of bytes of complete frames before it (relative to where decoding started).
-    """
-
-    def __init__(self, message: str, *, fatal: bool = False, preceding: list | None = None, offset: int = 0) -> None:
-        super().__init__(message)
-        self.fatal = fatal
-        self.preceding: list = preceding if preceding is not None else []
-        self.offset = offset
-
-    def __repr__(self) -> str:
-        return f"ProtocolError({str(self)!r}, fatal={self.fatal})"
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, ProtocolError):
-            return NotImplemented
-        return str(self) == str(other) and self.fatal == other.fatal
-
-    __hash__ = KvsError.__hash__
-
-
 class Request(NamedTuple):
     """One decoded request. ``key`` is None for PING; ``value`` is None except for SET.
 
@@ -193,17 +145,18 @@ class Response(NamedTuple):
 _new = tuple.__new__
 
 
-def max_request_frame_bytes(max_key_bytes: int = DEFAULT_MAX_KEY_BYTES, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> int:
+def max_request_frame_bytes(max_key_bytes: int = DEFAULT_MAX_KEY_BYTES,
+                            max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> int:
     """The longest request frame a decoder with these limits buffers (header + key + value);
     a header announcing more is fatal."""
     return REQUEST_HEADER_SIZE + max_key_bytes + max_value_bytes
 
 
 # --------------------------------------------------------------------------------------------
-# Requests: boundaries and decoding
+# Decoding requests
 
 
-def _bad_magic_or_version(buf, pos: int, avail: int, magic: int, what: str, hint: str) -> str | None:
+def _bad_magic_or_version(buf: Buffer, pos: int, avail: int, magic: int, what: str, hint: str) -> str | None:
     """The message of a fatal error in the first two header bytes present at ``pos``, or None."""
     if avail <= 0:
         return None
@@ -214,7 +167,8 @@ def _bad_magic_or_version(buf, pos: int, avail: int, magic: int, what: str, hint
     return None
 
 
-def _fatal_request_header(buf, pos: int, end: int, max_body: int, preceding: list, offset: int) -> ProtocolError | None:
+def _fatal_request_header(buf: Buffer, pos: int, end: int, max_body: int, preceding: list[Any],
+                          offset: int) -> ProtocolError | None:
     """The fatal error for the (possibly partial) request header at ``pos``, or None if the
     bytes present are acceptable so far. Called off the hot path only."""
     avail = end - pos
@@ -233,41 +187,7 @@ def _fatal_request_header(buf, pos: int, end: int, max_body: int, preceding: lis
     return None
 
 
-def complete_frames_length(
-    buf: bytes | bytearray | memoryview,
-    start: int = 0,
-    end: int | None = None,
-    *,
-    max_key_bytes: int = DEFAULT_MAX_KEY_BYTES,
-    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
-) -> int:
-    """How many bytes of ``buf[start:end]``, from ``start``, form complete request frames.
-
-    Reads headers only (no decoding, no allocation): meant for an I/O thread that splits the
-    stream into batches for workers calling ``parse_requests``. Raises a fatal
-    ``ProtocolError`` for a bad magic, an unknown version or an over-limit frame length as
-    soon as the offending header bytes are present; its ``offset`` is the length of the
-    complete frames before the bad one (which may still be answered before closing).
-    """
-    if end is None:
-        end = len(buf)
-    max_body = max_key_bytes + max_value_bytes
-    pos = start
-    while end - pos >= REQUEST_HEADER_SIZE:
-        mv, _, klen, vlen = _unpack_req(buf, pos)
-        if mv != _REQ_MV or klen + vlen > max_body:
-            break
-        nxt = pos + REQUEST_HEADER_SIZE + klen + vlen
-        if nxt > end:
-            return pos - start
-        pos = nxt
-    err = _fatal_request_header(buf, pos, end, max_body, [], pos - start)
-    if err is not None:
-        raise err
-    return pos - start
-
-
-def _bad_request(buf, pos: int, of: int, klen: int, vlen: int, max_key: int, max_value: int) -> ProtocolError:
+def _bad_request(buf: Buffer, pos: int, of: int, klen: int, vlen: int, max_key: int, max_value: int) -> ProtocolError:
     """The recoverable error for a well-framed request that is not valid. Off the hot path."""
     op, flags = of >> 8, of & 0xFF
     if op not in Op._value2member_map_:
@@ -292,7 +212,7 @@ def _bad_request(buf, pos: int, of: int, klen: int, vlen: int, max_key: int, max
 
 
 def parse_requests(
-    buf: bytes | bytearray | memoryview,
+    buf: Buffer,
     start: int = 0,
     end: int | None = None,
     *,
@@ -304,12 +224,14 @@ def parse_requests(
     Returns ``(items, pos)``: the requests in wire order, a ``ProtocolError`` (non-fatal) in
     place of each malformed but well-framed one, and the offset just past the last complete
     frame (``pos == end`` when nothing is left over). Raises a fatal ``ProtocolError``
-    (with ``preceding`` = the items decoded before it) as ``complete_frames_length`` does.
+    (with ``preceding`` = the items decoded before it) for a bad magic, an unknown version or
+    an over-limit frame length as soon as the offending header bytes are present; its
+    ``offset`` is the length of the complete frames before the bad one.
     """
     if end is None:
         end = len(buf)
     max_body = max_key_bytes + max_value_bytes
-    items: list = []
+    items: list[Request | ProtocolError] = []
     append = items.append
     pos = start
     while end - pos >= 12:
@@ -341,8 +263,9 @@ def parse_requests(
     return items, pos
 
 
-class _Decoder:
-    """Shared buffering of the two incremental decoders. Not thread-safe: one per connection."""
+class _Decoder[T]:
+    """Shared buffering of the two incremental decoders (``T``: what they yield). Not
+    thread-safe: one per connection."""
 
     __slots__ = ("_buf", "_error")
 
@@ -350,10 +273,10 @@ class _Decoder:
         self._buf = bytearray()
         self._error: ProtocolError | None = None
 
-    def _parse(self, buf, start: int, end: int) -> tuple[list, int]:
+    def _parse(self, buf: Buffer, start: int, end: int) -> tuple[list[T], int]:
         raise NotImplementedError
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list:
+    def feed(self, data: Buffer) -> list[T]:
         """Append ``data`` to the stream; return every item completed by it, in order.
 
         Holds back an incomplete trailing frame (``pending_bytes``). Raises a fatal
@@ -363,6 +286,7 @@ class _Decoder:
         if self._error is not None:
             raise ProtocolError(str(self._error), fatal=True)
         buf = self._buf
+        src: Buffer
         if buf:
             buf += data
             src = buf
@@ -401,7 +325,7 @@ class _Decoder:
         return self._error
 
 
-class RequestDecoder(_Decoder):
+class RequestDecoder(_Decoder[Request | ProtocolError]):
     """Incremental request decoder for one connection (server side), in the style of h11.
 
     ``feed`` returns ``Request``s, with a non-fatal ``ProtocolError`` in place of each
@@ -412,22 +336,18 @@ class RequestDecoder(_Decoder):
 
     __slots__ = ("max_key_bytes", "max_value_bytes")
 
-    def __init__(self, *, max_key_bytes: int = DEFAULT_MAX_KEY_BYTES, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> None:
+    def __init__(self, *, max_key_bytes: int = DEFAULT_MAX_KEY_BYTES,
+                 max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> None:
         super().__init__()
         self.max_key_bytes = max_key_bytes
         self.max_value_bytes = max_value_bytes
 
-    def _parse(self, buf, start: int, end: int) -> tuple[list, int]:
+    def _parse(self, buf: Buffer, start: int, end: int) -> tuple[list[Request | ProtocolError], int]:
         return parse_requests(buf, start, end, max_key_bytes=self.max_key_bytes, max_value_bytes=self.max_value_bytes)
-
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Request | ProtocolError]:  # noqa: D102 (inherited)
-        return _Decoder.feed(self, data)
-
-    feed.__doc__ = _Decoder.feed.__doc__
 
 
 # --------------------------------------------------------------------------------------------
-# Requests: encoding
+# Encoding requests
 
 
 _utf8 = encode_text  # the same check as the engines'
@@ -489,7 +409,7 @@ def encode_request(
 
 
 # --------------------------------------------------------------------------------------------
-# Responses: encoding
+# Encoding responses
 
 OK_RESPONSE = _pack_resp(_RESP_MV, Status.OK << 8, 0)
 NOT_FOUND_RESPONSE = _pack_resp(_RESP_MV, Status.NOT_FOUND << 8, 0)
@@ -562,10 +482,11 @@ def encode_response(status: Status | int, value: str | None = None) -> bytes:
 
 
 # --------------------------------------------------------------------------------------------
-# Responses: decoding
+# Decoding responses
 
 
-def _fatal_response_header(buf, pos: int, end: int, max_payload: int, preceding: list, offset: int) -> ProtocolError | None:
+def _fatal_response_header(buf: Buffer, pos: int, end: int, max_payload: int, preceding: list[Any],
+                           offset: int) -> ProtocolError | None:
     avail = end - pos
     bad = _bad_magic_or_version(buf, pos, avail, RESPONSE_MAGIC, "a response", "not a kvs protocol server")
     if bad is not None or avail < 2:
@@ -602,7 +523,7 @@ _NO_PAYLOAD_RESPONSES = {Status.OK << 8: _R_OK, Status.NOT_FOUND << 8: _R_NOT_FO
 
 
 def parse_responses(
-    buf: bytes | bytearray | memoryview,
+    buf: Buffer,
     start: int = 0,
     end: int | None = None,
     *,
@@ -618,7 +539,7 @@ def parse_responses(
     if end is None:
         end = len(buf)
     max_payload = max(max_value_bytes, MAX_MESSAGE_BYTES)
-    items: list = []
+    items: list[Response | ProtocolError] = []
     append = items.append
     pos = start
     no_payload = _NO_PAYLOAD_RESPONSES
@@ -650,7 +571,7 @@ def parse_responses(
     return items, pos
 
 
-class ResponseDecoder(_Decoder):
+class ResponseDecoder(_Decoder[Response | ProtocolError]):
     """Incremental response decoder for one connection (client side); same rules as
     ``RequestDecoder``: recoverable problems appear as ``ProtocolError`` items in order,
     fatal ones raise."""
@@ -661,15 +582,8 @@ class ResponseDecoder(_Decoder):
         super().__init__()
         self.max_value_bytes = max_value_bytes
 
-    def _parse(self, buf, start: int, end: int) -> tuple[list, int]:
+    def _parse(self, buf: Buffer, start: int, end: int) -> tuple[list[Response | ProtocolError], int]:
         return parse_responses(buf, start, end, max_value_bytes=self.max_value_bytes)
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Response | ProtocolError]:  # noqa: D102
-        return _Decoder.feed(self, data)
-
-    feed.__doc__ = _Decoder.feed.__doc__
-
-
-from kvs.freethreading import share_module_globals  # noqa: E402  (last: marks this module's globals)
 
 share_module_globals(globals())

@@ -25,30 +25,22 @@ Invariants:
 
 from __future__ import annotations
 
-from kvs.errors import KvsError
+from typing import Any
+
+from kvs.errors import KvsError, ProtocolError
+from kvs.freethreading import share_module_globals
 from kvs.limits import DEFAULT_MAX_VALUE_BYTES
-from kvs.protocol import ProtocolError
+from kvs.resp_inline import split_inline
 
 __all__ = [
-    "DEFAULT_MAX_ARRAY_LEN",
-    "DEFAULT_MAX_BULK_BYTES",
-    "DEFAULT_MAX_INLINE_BYTES",
-    "EMPTY_ARRAY",
-    "NULL_ARRAY",
-    "NULL_BULK",
-    "OK",
-    "PONG",
-    "RespDecoder",
-    "RespError",
-    "RespProtocolError",
-    "RespReplyDecoder",
-    "array",
-    "bulk",
-    "command",
-    "error",
-    "integer",
-    "simple_string",
+    # parsing commands (server side)
+    "DEFAULT_MAX_ARRAY_LEN", "DEFAULT_MAX_BULK_BYTES", "DEFAULT_MAX_INLINE_BYTES", "RespDecoder", "RespProtocolError",
     "split_inline",
+    # encoding replies, and commands
+    "EMPTY_ARRAY", "NULL_ARRAY", "NULL_BULK", "OK", "PONG", "array", "bulk", "command", "error", "integer",
+    "simple_string",
+    # parsing replies (client side)
+    "RespError", "RespReplyDecoder",
 ]
 
 DEFAULT_MAX_INLINE_BYTES = 64 * 1024
@@ -71,7 +63,8 @@ class RespProtocolError(ProtocolError):
     Redis's message, e.g. ``"Protocol error: invalid bulk length"``; reply with
     ``error(str(err))`` and close after answering ``err.preceding``."""
 
-    def __init__(self, message: str, *, fatal: bool = True, preceding: list | None = None, offset: int = 0) -> None:
+    def __init__(self, message: str, *, fatal: bool = True, preceding: list[Any] | None = None,
+                 offset: int = 0) -> None:
         super().__init__(message, fatal=fatal, preceding=preceding, offset=offset)
 
     def __repr__(self) -> str:
@@ -100,97 +93,18 @@ def _show(b: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Inline commands (sdssplitargs)
-
-_SPACE = frozenset(b" \t\n\r\x0b\x0c")  # C isspace()
-_TOKEN_END = frozenset(b" \n\r\t")  # what ends an unquoted token in sdssplitargs
-_ESCAPES = {ord("n"): 10, ord("r"): 13, ord("t"): 9, ord("b"): 8, ord("a"): 7}
-_HEX = frozenset(b"0123456789abcdefABCDEF")
-_PLAIN_SPLIT_BREAKERS = (b'"', b"'", b"\x0b", b"\x0c")
-
-
-def split_inline(line: bytes) -> list[bytes] | None:
-    """The arguments of an inline command line (without its newline), per Redis's
-    sdssplitargs: whitespace-separated; ``"..."`` with escapes ``\\n \\r \\t \\b \\a \\\\ \\"
-    \\xHH``; ``'...'`` with ``\\'``; a closing quote must be followed by whitespace or the end.
-    A NUL byte ends the line (C string semantics). None for unbalanced quotes."""
-    nul = line.find(b"\0")
-    if nul >= 0:
-        line = line[:nul]
-    for ch in _PLAIN_SPLIT_BREAKERS:
-        if ch in line:
-            break
-    else:
-        return line.split()  # bytes.split() splits on exactly C isspace()
-    # Slow path: a character loop, bounded by max_inline_bytes. Quoted lines are rare.
-    args: list[bytes] = []
-    n = len(line)
-    i = 0
-    while True:
-        while i < n and line[i] in _SPACE:
-            i += 1
-        if i >= n:
-            return args
-        cur = bytearray()
-        inq = insq = False
-        while True:
-            c = line[i] if i < n else 0
-            if inq:
-                if c == 92 and i + 3 < n and line[i + 1] == 120 and line[i + 2] in _HEX and line[i + 3] in _HEX:
-                    cur.append(int(line[i + 2 : i + 4], 16))
-                    i += 3
-                elif c == 92 and i + 1 < n:
-                    i += 1
-                    e = line[i]
-                    cur.append(_ESCAPES.get(e, e))
-                elif c == 34:  # closing "
-                    if i + 1 < n and line[i + 1] not in _SPACE:
-                        return None
-                    i += 1
-                    break
-                elif i >= n:
-                    return None  # unterminated quotes
-                else:
-                    cur.append(c)
-            elif insq:
-                if c == 92 and i + 1 < n and line[i + 1] == 39:
-                    i += 1
-                    cur.append(39)
-                elif c == 39:  # closing '
-                    if i + 1 < n and line[i + 1] not in _SPACE:
-                        return None
-                    i += 1
-                    break
-                elif i >= n:
-                    return None
-                else:
-                    cur.append(c)
-            else:
-                if i >= n or c in _TOKEN_END:
-                    break
-                if c == 34:
-                    inq = True
-                elif c == 39:
-                    insq = True
-                else:
-                    cur.append(c)
-            i += 1
-        args.append(bytes(cur))
-
-
-# --------------------------------------------------------------------------------------------
 # Command parsing
 
 
 def _parse_commands(
     buf: bytes, pos: int, end: int, max_bulk: int, max_array: int, max_inline: int
-) -> tuple[list, int, int]:
+) -> tuple[list[list[bytes]], int, int]:
     """Decode complete commands from ``buf[pos:end]`` (``buf`` is bytes).
 
     Returns ``(commands, pos, need)``: ``pos`` is just past the last complete command and
     ``need`` the buffer end needed before another call can make progress.
     """
-    items: list = []
+    items: list[list[bytes]] = []
     append = items.append
     find = buf.find
     small = _SMALL_INTS
@@ -215,7 +129,7 @@ def _parse_commands(
             if n <= 0:
                 pos = p
                 continue
-            args = []
+            args: list[bytes] = []
             add = args.append
             while n:
                 if p >= end:
@@ -237,13 +151,13 @@ def _parse_commands(
                         raise RespProtocolError("Protocol error: invalid bulk length", preceding=items)
                 elif m > max_bulk:
                     raise RespProtocolError("Protocol error: invalid bulk length", preceding=items)
-                s = nl + 2
-                e = s + m
+                start = nl + 2
+                e = start + m
                 if e + 2 > end:
                     return items, pos, e + 2
                 if buf[e] != 13 or buf[e + 1] != 10:
                     raise RespProtocolError("Protocol error: bulk string not terminated by CRLF", preceding=items)
-                add(buf[s:e])
+                add(buf[start:e])
                 p = e + 2
                 n -= 1
             append(args)
@@ -257,11 +171,11 @@ def _parse_commands(
             e = nl - 1 if nl > pos and buf[nl - 1] == 13 else nl
             if e - pos > max_inline:
                 raise RespProtocolError("Protocol error: too big inline request", preceding=items)
-            args = split_inline(buf[pos:e])
-            if args is None:
+            inline = split_inline(buf[pos:e])
+            if inline is None:
                 raise RespProtocolError("Protocol error: unbalanced quotes in request", preceding=items)
-            if args:
-                append(args)
+            if inline:
+                append(inline)
             pos = nl + 1
     return items, pos, end + 1
 
@@ -271,7 +185,7 @@ _BULK_LINES: dict[bytes, int] = {b"$%d" % i: i for i in range(4097)}
 """Canonical ``*N`` and ``$N`` lines of the commands clients send, for :func:`_split_commands`."""
 
 
-def _split_commands(buf: bytes, max_bulk: int, max_array: int) -> tuple[list, int]:
+def _split_commands(buf: bytes, max_bulk: int, max_array: int) -> tuple[list[list[bytes]], int]:
     """The fast path of command parsing: ``(commands, pos)`` for the leading run of ``buf``
     made of complete arrays of at most 64 bulk strings of at most 4096 bytes, none holding
     CR LF, which is what clients and pipelines send; ``pos`` is just past the run. It stops,
@@ -288,7 +202,7 @@ def _split_commands(buf: bytes, max_bulk: int, max_array: int) -> tuple[list, in
     last = len(parts) - 1  # parts[last] follows the final CR LF: never a whole line
     arrays = _ARRAY_LINES
     bulks = _BULK_LINES
-    items: list = []
+    items: list[list[bytes]] = []
     long_ok = max_bulk >= 4096  # every length in _BULK_LINES is within the limit
     i = 0
     while i < last:
@@ -407,11 +321,11 @@ class RespDecoder:
         except KeyError:
             return None
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[list[bytes] | RespProtocolError]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[list[bytes]]:
         """Append ``data``; return every command it completes, in order, each a list of
         ``bytes`` (the command name as sent, not case-folded). Raises a fatal
-        ``RespProtocolError`` (then every later call raises too). The list type admits
-        non-fatal errors for symmetry with ``kvs.protocol``; RESP2 has none today.
+        ``RespProtocolError`` (then every later call raises too); RESP2 has no recoverable
+        errors, so unlike ``kvs.protocol``'s decoders none is ever returned.
         """
         if self._error is not None:
             raise RespProtocolError(str(self._error))
@@ -425,7 +339,7 @@ class RespDecoder:
             src = data if type(data) is bytes else bytes(data)
         end = len(src)
         pos = 0
-        items: list = []
+        items: list[list[bytes]] = []
         if end and src[0] == 42:  # "*": an array, what clients send
             items, pos = _split_commands(src, self.max_bulk_bytes, self.max_array_len)
         need = end + 1
@@ -588,7 +502,7 @@ class RespReplyDecoder:
             raise RespProtocolError("Protocol error: too big reply line")
         return nl
 
-    def _one(self, buf: bytes, pos: int, end: int, depth: int):
+    def _one(self, buf: bytes, pos: int, end: int, depth: int) -> tuple[Any, int]:
         if pos >= end:
             return _INCOMPLETE, pos
         t = buf[pos]
@@ -636,7 +550,7 @@ class RespReplyDecoder:
             return out, p
         raise RespProtocolError(f"Protocol error: unknown reply type '{_show(t)}'")
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
         """Append ``data``; return every complete reply, in order. Raises fatal
         ``RespProtocolError`` (with ``preceding``); after that every call raises."""
         if self._error is not None:
@@ -647,7 +561,7 @@ class RespReplyDecoder:
         self._want = 0
         src = bytes(self._buf)
         end = len(src)
-        items: list = []
+        items: list[Any] = []
         pos = 0
         try:
             while pos < end:
@@ -670,7 +584,5 @@ class RespReplyDecoder:
         """Bytes of an incomplete reply held back."""
         return len(self._buf)
 
-
-from kvs.freethreading import share_module_globals  # noqa: E402  (last: marks this module's globals)
 
 share_module_globals(globals())

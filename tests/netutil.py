@@ -2,6 +2,7 @@
 
 Every wait here is bounded by a deadline (never a fixed sleep), and every server started
 here is stopped by the context manager that started it, whatever the test does.
+``DEADLINE`` and ``wait_for`` are ``tests.helpers``'s, importable from here too.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,25 +20,19 @@ import pytest
 from kvs.client import KvsClient
 from kvs.engine import open_engine
 from kvs.engine.base import KvsEngine
+from kvs.limits import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES
 from kvs.server import KvsServer
+from kvs.server.sessions import ServerFacts
 from kvs.thread_pool import make_pool
 from kvs.thread_pool.base import ThreadPool
+from tests.helpers import DEADLINE, wait_for
 
-DEADLINE = 30.0
-"""Seconds any single wait may take before the test fails (far above what it needs)."""
+__all__ = ["DEADLINE", "IO_MODEL", "connect", "is_closed_by_peer", "opened_engine", "read_until_closed",
+           "server_answers", "server_stack", "serving", "session_facts", "started_pool", "wait_for"]
 
 IO_MODEL: str | None = None
 """The server I/O model :func:`serving` uses when a test does not name one (None: the
 server's default). The ``io_model`` fixture of ``conftest.py`` sets it per test."""
-
-
-def wait_for(condition: Callable[[], object], timeout: float = DEADLINE, what: str = "condition") -> None:
-    """Poll ``condition`` until it is true; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
 
 
 @contextlib.contextmanager
@@ -151,3 +146,13 @@ def server_answers(addr: tuple[str, int], key: str | None = None, value: str | N
         client.ping()
         if key is not None:
             assert client.get(key) == value
+
+
+def session_facts(*, max_key_bytes: int = DEFAULT_MAX_KEY_BYTES, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+                  engine_name: str = "kvs", engine_fsync: str = "never") -> ServerFacts:
+    """The facts a session made outside a server sees (for session tests in process): those
+    of a server on port 0 with these limits, no connections and no commands."""
+    return ServerFacts(address=("127.0.0.1", 0), max_connections=10000, max_key_bytes=max_key_bytes,
+                       max_value_bytes=max_value_bytes, io_model="leader-followers", pool_name="none",
+                       pool_threads=0, engine_name=engine_name, engine_fsync=engine_fsync, started_at=time.time(),
+                       connection_count=lambda: 0, total_commands=lambda: 0)

@@ -109,7 +109,7 @@ class ServerProcess:
     def wait_listening(self) -> str:
         """``IP:PORT`` from the "listening on" line; fails if the server exits first."""
         with self._changed:
-            ok = self._changed.wait_for(lambda: self._eof or any(_LISTENING.search(l) for l in self.lines),
+            ok = self._changed.wait_for(lambda: self._eof or any(_LISTENING.search(line) for line in self.lines),
                                         timeout=DEADLINE)
             text = "\n".join(self.lines)
         match = _LISTENING.search(text)
@@ -208,7 +208,8 @@ def test_cli_version_via_python_m() -> None:
 
 
 @pytest.mark.parametrize("program", [KVS_CLIENT, KVS_SERVER], ids=["kvs-client", "kvs-server"])
-@pytest.mark.parametrize("addr", ["nonsense", "127.0.0.1", "127.0.0.1:99999", "localhost:4000", ":4000", "1.2.3.4:port"])
+@pytest.mark.parametrize("addr", ["nonsense", "127.0.0.1", "127.0.0.1:99999", "localhost:4000", ":4000",
+                                  "1.2.3.4:port"])
 def test_invalid_address_is_a_usage_error(program: str, addr: str, tmp_path: Path) -> None:
     args = ["get", "key", "--addr", addr] if program == KVS_CLIENT else ["--addr", addr, "--data-dir", str(tmp_path)]
     proc = run(program, *args)

@@ -27,7 +27,6 @@ from kvs.protocol import (
     Response,
     ResponseDecoder,
     Status,
-    complete_frames_length,
     encode_error,
     encode_fatal,
     encode_get,
@@ -233,12 +232,15 @@ def pipeline(n: int, seed: int) -> tuple[bytes, list[Request]]:
         key = rng.choice(KEYS) + str(i)
         op = rng.choice(list(Op))
         if op == Op.PING:
-            frames.append(encode_ping()); expected.append(Request(Op.PING, None, None))
+            frames.append(encode_ping())
+            expected.append(Request(Op.PING, None, None))
         elif op == Op.SET:
             value = rng.choice(VALUES)
-            frames.append(encode_set(key, value)); expected.append(Request(Op.SET, key, value))
+            frames.append(encode_set(key, value))
+            expected.append(Request(Op.SET, key, value))
         else:
-            frames.append(encode_request(op, key)); expected.append(Request(op, key, None))
+            frames.append(encode_request(op, key))
+            expected.append(Request(op, key, None))
     return b"".join(frames), expected
 
 
@@ -299,21 +301,6 @@ def test_parse_requests_decodes_a_region_without_slicing() -> None:
     assert len(items) == 3 and pos == len(buf) - 2  # trailing partial header is left over
 
 
-def test_complete_frames_length_finds_boundaries() -> None:
-    a, b = encode_get("a"), encode_set("key", "v" * 100)
-    data = a + b + a
-    assert complete_frames_length(data) == len(data)
-    assert complete_frames_length(data[:-1]) == len(a + b)
-    assert complete_frames_length(data, len(a)) == len(b + a)
-    assert complete_frames_length(data[: len(a) + 11]) == len(a)
-    assert complete_frames_length(b"") == 0
-    assert complete_frames_length(memoryview(data), 0, len(a)) == len(a)
-    # boundaries found, then the same bytes decoded by a "worker"
-    n = complete_frames_length(data[:-3])
-    items, pos = parse_requests(data, 0, n)
-    assert pos == n and len(items) == 2
-
-
 def test_parse_responses_reports_leftover() -> None:
     data = encode_ok() + encode_value("abc")
     items, pos = parse_responses(data[:-1])
@@ -355,8 +342,8 @@ def test_recoverable_errors_take_their_place_and_the_stream_continues(case: str)
     assert items == expected
     assert all(not item.fatal for item in items if isinstance(item, ProtocolError))
     assert outcome(lambda: RequestDecoder(**limits), [data[i : i + 1] for i in range(len(data))]) == (expected, None, 0)
-    # the boundary finder accepts these frames: only a worker's decode finds the problem
-    assert complete_frames_length(data, **limits) == len(data)
+    # one pass over the buffer finds the same items and consumes every frame
+    assert parse_requests(data, **limits) == (expected, len(data))
 
 
 def test_oversized_key_within_the_frame_limit_is_recoverable() -> None:
@@ -447,14 +434,16 @@ def test_fatal_error_carries_the_requests_before_it_and_the_decoder_stays_failed
     feed_expect_fatal(decoder, encode_ping())  # nothing is decoded after a fatal error
 
 
-def test_complete_frames_length_raises_fatal_with_the_offset_of_good_frames() -> None:
+def test_parse_requests_raises_fatal_with_the_offset_of_good_frames() -> None:
     good = encode_get("a") + encode_ping()
     for junk in (b"\x00", bytes([REQUEST_MAGIC, 7]), raw_request(Op.GET, klen=0xFFFFFFFF)[:12]):
         with pytest.raises(ProtocolError) as info:
-            complete_frames_length(good + junk)
+            parse_requests(good + junk)
         assert info.value.fatal and info.value.offset == len(good)
-        with pytest.raises(ProtocolError):
-            complete_frames_length(good + junk, len(good))
+        assert info.value.preceding == [Request(Op.GET, "a", None), Request(Op.PING, None, None)]
+        with pytest.raises(ProtocolError) as info:
+            parse_requests(good + junk, len(good))
+        assert info.value.fatal and info.value.offset == 0
 
 
 def test_truncated_stream_is_pending_not_an_error() -> None:
@@ -554,7 +543,7 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
 def test_fuzz_request_decoder(seed: int) -> None:
     rng = random.Random(seed)
     limits = dict(max_key_bytes=24, max_value_bytes=48)
-    make = lambda: RequestDecoder(**limits)  # noqa: E731
+    make = lambda: RequestDecoder(**limits)
     for _ in range(150):
         frames = [random_frame(rng) for _ in range(rng.randrange(1, 6))]
         data = b"".join(frames)
@@ -567,12 +556,12 @@ def test_fuzz_request_decoder(seed: int) -> None:
                 assert not item.fatal
         # chunking never changes the outcome
         assert outcome(make, random_chunks(data, rng)) == one_shot
-        # the boundary finder agrees with the decoder
+        # one pass over the whole buffer agrees with the decoder
         if one_shot[1] is None:
-            assert complete_frames_length(data, **limits) == len(data) - one_shot[2]
+            assert parse_requests(data, **limits) == (one_shot[0], len(data) - one_shot[2])
         else:
             with pytest.raises(ProtocolError):
-                complete_frames_length(data, **limits)
+                parse_requests(data, **limits)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -614,7 +603,7 @@ def test_fuzz_response_decoder(seed: int) -> None:
         data = b"".join(parts)
         if rng.random() < 0.5:
             data = mutate(data, rng)
-        make = lambda: ResponseDecoder(max_value_bytes=64)  # noqa: E731
+        make = lambda: ResponseDecoder(max_value_bytes=64)
         one_shot = outcome(make, [data])
         assert all(isinstance(i, (Response, ProtocolError)) for i in one_shot[0])
         assert outcome(make, random_chunks(data, rng)) == one_shot

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import random
 import tracemalloc
+from functools import partial
 
 import pytest
 
 from kvs import resp as resp_module
-from kvs.errors import KvsError
-from kvs.protocol import ProtocolError
+from kvs.errors import KvsError, ProtocolError
 from kvs.resp import (
     EMPTY_ARRAY,
     NULL_ARRAY,
@@ -362,7 +362,8 @@ def random_command(rng: random.Random) -> bytes:
         args = [rng.randbytes(rng.randrange(0, 12)) for _ in range(rng.randrange(1, 5))]
         return command(*args)
     if r < 0.75:
-        words = [rng.choice([b"SET", b"GET", b"a", b'"a b"', b"'c'", b'"\\x41"', b"x\\y"]) for _ in range(rng.randrange(1, 4))]
+        choices = [b"SET", b"GET", b"a", b'"a b"', b"'c'", b'"\\x41"', b"x\\y"]
+        words = [rng.choice(choices) for _ in range(rng.randrange(1, 4))]
         return b" ".join(words) + rng.choice([b"\r\n", b"\n"])
     return b"".join(rng.choice(ATOMS) for _ in range(rng.randrange(1, 12)))
 
@@ -392,7 +393,7 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
 @pytest.mark.parametrize("seed", range(4))
 def test_fuzz_command_decoder(seed: int) -> None:
     rng = random.Random(seed)
-    make = lambda: RespDecoder(max_bulk_bytes=64, max_array_len=8, max_inline_bytes=48)  # noqa: E731
+    make = lambda: RespDecoder(max_bulk_bytes=64, max_array_len=8, max_inline_bytes=48)
     for _ in range(200):
         data = b"".join(random_command(rng) for _ in range(rng.randrange(1, 6)))
         if rng.random() < 0.5:
@@ -481,8 +482,7 @@ def test_single_command_fast_path_equals_feed(seed: int) -> None:
         elif r < 0.5:
             data += rng.choice([command("GET", "k"), b"GET k\r\n", b"*", b"\r\n"])
         for max_bulk, max_array, max_inline in limits:
-            make = lambda: RespDecoder(max_bulk_bytes=max_bulk, max_array_len=max_array,  # noqa: E731
-                                       max_inline_bytes=max_inline)
+            make = partial(RespDecoder, max_bulk_bytes=max_bulk, max_array_len=max_array, max_inline_bytes=max_inline)
             decoder = make()
             single = decoder.parse_single(data)
             if single is None:
@@ -513,7 +513,8 @@ def test_single_command_fast_path_declines_what_it_does_not_take() -> None:
     assert failed.parse_single(command("GET", "k")) is None
 
 
-def _general_parse_from(data: bytes, start: int, max_bulk: int, max_array: int, max_inline: int) -> tuple[list, int | str]:
+def _general_parse_from(data: bytes, start: int, max_bulk: int, max_array: int,
+                        max_inline: int) -> tuple[list, int | str]:
     try:
         items, pos, _need = resp_module._parse_commands(data, start, len(data), max_bulk, max_array, max_inline)
     except RespProtocolError as exc:
@@ -524,7 +525,7 @@ def _general_parse_from(data: bytes, start: int, max_bulk: int, max_array: int, 
 @pytest.mark.parametrize("seed", range(2))
 def test_fuzz_reply_decoder(seed: int) -> None:
     rng = random.Random(seed)
-    make = lambda: RespReplyDecoder(max_bulk_bytes=64, max_array_len=8, max_line_bytes=48, max_depth=4)  # noqa: E731
+    make = lambda: RespReplyDecoder(max_bulk_bytes=64, max_array_len=8, max_line_bytes=48, max_depth=4)
     for _ in range(200):
         parts = []
         for _ in range(rng.randrange(1, 5)):

@@ -14,21 +14,23 @@ from pathlib import Path
 import pytest
 import redis
 
-from kvs import KvsClient, KvStore, KvsError
+from kvs import KvsClient, KvsError, KvStore
 from kvs.resp import RespReplyDecoder, command
 from kvs.server import KvsServer
 from kvs.server.server import IO_MODELS
 from kvs.thread_pool import SharedQueueThreadPool
+from tests.netutil import session_facts
 
 BIN = Path(sys.executable).parent
-needs_redis_cli = pytest.mark.skipif(shutil.which("redis-cli") is None,
-                                     reason="redis-cli (Debian redis-tools) is not installed; scripts/test installs it as root")
+_MISSING = "(Debian redis-tools) is not installed; scripts/test installs it as root"
+needs_redis_cli = pytest.mark.skipif(shutil.which("redis-cli") is None, reason=f"redis-cli {_MISSING}")
 needs_redis_benchmark = pytest.mark.skipif(shutil.which("redis-benchmark") is None,
-                                           reason="redis-benchmark (Debian redis-tools) is not installed; scripts/test installs it as root")
+                                           reason=f"redis-benchmark {_MISSING}")
 
 
 class RunningServer:
-    def __init__(self, tmp_path: Path, protocols: tuple[str, ...] = ("kvs", "resp"), io_model: str = IO_MODELS[0]) -> None:
+    def __init__(self, tmp_path: Path, protocols: tuple[str, ...] = ("kvs", "resp"),
+                 io_model: str = IO_MODELS[0]) -> None:
         self.engine = KvStore.open(tmp_path / "data")
         self.pool = SharedQueueThreadPool(4)
         self.server = KvsServer(self.engine, self.pool, ("127.0.0.1", 0), protocols=protocols, io_model=io_model)
@@ -215,14 +217,12 @@ def test_one_whole_get_or_set_is_answered_exactly_as_by_the_general_path(tmp_pat
     its replies, its command count and what it stores are those of the general path, for
     hits, misses, case variants, non-UTF-8 and over-limit arguments, options and a closed
     store."""
-    from types import SimpleNamespace
-
     from kvs.resp import RespDecoder
     from kvs.server.resp_session import RespSession
 
     engine = KvStore.open(tmp_path / "data", max_key_bytes=16, max_value_bytes=32)
-    server = SimpleNamespace(engine=engine, max_key_bytes=16, max_value_bytes=32)
-    fast, general = RespSession(server, "fast"), RespSession(server, "general")  # type: ignore[arg-type]
+    facts = session_facts(max_key_bytes=16, max_value_bytes=32)
+    fast, general = RespSession(engine, "fast", facts), RespSession(engine, "general", facts)
     cases = [command("SET", "k", "v"), command("GET", "k"), command("get", "k"), command("GET", "missing"),
              command("Get", "k"), command("set", "k", "w"), command("GET", "k"), command("SET", b"k\xff", "v"),
              command("SET", "k", b"\xfe"), command("GET", b"\xff"), command("SET", "k" * 17, "v"),
@@ -238,3 +238,46 @@ def test_one_whole_get_or_set_is_answered_exactly_as_by_the_general_path(tmp_pat
     for data in (command("GET", "k"), command("SET", "k", "v")):
         want = general.execute(RespDecoder().feed(data))
         assert want.startswith(b"-ERR") and fast.handle(data) == want
+
+
+def test_command_replies_come_from_the_table(tmp_path: Path) -> None:
+    """COMMAND, COMMAND COUNT and COMMAND INFO are generated from the command table; the
+    COMMAND reply is byte for byte what kvs-server has always sent."""
+    from kvs.resp import EMPTY_ARRAY, NULL_ARRAY, array, bulk, integer
+    from kvs.server.resp_commands import COMMANDS, command_reply
+    from kvs.server.resp_session import RespSession
+
+    arities = {b"get": 2, b"set": -3, b"del": -2, b"exists": -2, b"ping": -1, b"echo": 2, b"quit": 1,
+               b"command": -1, b"config": -2, b"info": -1, b"client": -2, b"select": 2, b"hello": -1}
+    before = array([array([bulk(n), integer(a), EMPTY_ARRAY, integer(1 if a not in (1, -1) else 0),
+                           integer(1 if a not in (1, -1) else 0), integer(1)]) for n, a in arities.items()])
+    with KvStore.open(tmp_path / "data") as engine:
+        session = RespSession(engine, "test", session_facts())
+        assert list(COMMANDS) == list(arities)
+        assert session.handle(command("COMMAND")) == before
+        assert session.handle(command("command", "count")) == integer(len(COMMANDS))
+        assert session.handle(command("COMMAND", "INFO", "get", "NOSUCH", "Set")) == array(
+            [command_reply(COMMANDS[b"get"]), NULL_ARRAY, command_reply(COMMANDS[b"set"])])
+        assert session.handle(command("COMMAND", "INFO")) == session.handle(command("COMMAND"))
+        assert session.handle(command("COMMAND", "DOCS")) == EMPTY_ARRAY
+        assert session.handle(command("COMMAND", "GETKEYS")).startswith(b"-ERR unsupported COMMAND subcommand")
+        assert session.commands == 7
+
+
+def test_every_table_entry_is_checked_for_arity_before_its_handler(tmp_path: Path) -> None:
+    """A command with too few (or, for a fixed arity, too many) arguments gets Redis's arity
+    error from the table, never reaching its handler; an unknown one the unknown-command error."""
+    from kvs.server.resp_commands import COMMANDS
+    from kvs.server.resp_session import RespSession
+
+    with KvStore.open(tmp_path / "data") as engine:
+        session = RespSession(engine, "test", session_facts())
+        for name, entry in COMMANDS.items():
+            wrong = abs(entry.arity) - 1 if entry.arity < 0 else entry.arity + 1
+            if wrong < 1:
+                continue
+            args = [name.upper()] + [b"x"] * (wrong - 1)
+            reply = session.handle(command(*args))
+            assert reply == f"-ERR wrong number of arguments for '{name.decode()}' command\r\n".encode(), name
+        assert session.handle(command("NOSUCH", "a")) == \
+            b"-ERR unknown command 'NOSUCH', with args beginning with: 'a'\r\n"

@@ -12,11 +12,13 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from kvs.client import KvsClient
+from kvs.engine.base import FsyncPolicy, KvsEngine
 from kvs.errors import KeyNotFoundError, KvsError
 from kvs.protocol import (
     REQUEST_MAGIC,
@@ -29,6 +31,7 @@ from kvs.protocol import (
 from kvs.server import KvsServer
 from kvs.server.scheduling import SCHEDULING
 from kvs.thread_pool import POOLS
+from tests.helpers import run_threads
 from tests.netutil import (
     DEADLINE,
     connect,
@@ -43,28 +46,7 @@ from tests.netutil import (
 
 ALL_POOLS = list(POOLS)
 
-
-
 pytestmark = pytest.mark.usefixtures("io_model")  # every server test runs in both I/O models
-
-def run_threads(targets: list, timeout: float = 90.0) -> None:
-    """Run each callable in its own thread; re-raise the first failure; fail if one hangs."""
-    errors: list[BaseException] = []
-
-    def body(fn) -> None:
-        try:
-            fn()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=body, args=(fn,), daemon=True) for fn in targets]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    assert not any(t.is_alive() for t in threads), "a client thread hung"
-    if errors:
-        raise errors[0]
 
 
 # ------------------------------------------------------------------------------ basics
@@ -231,8 +213,10 @@ def test_large_responses_to_a_client_with_a_descriptor_above_1024(tmp_path: Path
         idle = [connect(addr) for _ in range(1100)]
         try:
             wait_for(lambda: server.connection_count() >= 1100, what="1100 accepted connections")
-            with KvsClient(addr) as c:
-                assert c._sock.fileno() > 1024
+            # Every descriptor up to 1024 is taken, so the client's socket gets one above (its
+            # number is > probe's, which stays open meanwhile).
+            with socket.socket() as probe, KvsClient(addr) as c:
+                assert probe.fileno() > 1024
                 with c.pipeline() as p:
                     for i in range(4):
                         p.set(f"big{i}", value + str(i))
@@ -273,7 +257,7 @@ def test_1000_pipelined_requests_come_back_in_order(tmp_path: Path) -> None:
             assert len(p) == 1000
         results = p.results()
         assert len(results) == 1000
-        for i, (got, want) in enumerate(zip(results, expected)):
+        for i, (got, want) in enumerate(zip(results, expected, strict=True)):
             if want is KeyNotFoundError:
                 assert isinstance(got, KeyNotFoundError), f"request {i}: {got!r}"
             else:
@@ -354,7 +338,8 @@ def test_requests_trickling_in_while_their_connection_is_served_are_never_lost(
     with server_stack(tmp_path, threads=2) as server:
         for attempt in range(3):
             latest: dict[str, str] = {}
-            run_threads([lambda seed=seed: client(server, 100 * attempt + seed) for seed in range(16)])
+            base = 100 * attempt
+            run_threads([lambda seed=seed, base=base: client(server, base + seed) for seed in range(16)])
             if io_model == "dispatch" or again[0]:
                 break
     if io_model == "leader-followers":
@@ -454,7 +439,8 @@ def test_repeated_shutdown_under_pipelined_load_always_returns(tmp_path: Path, p
                 started = threading.Barrier(7)
                 endings: list[BaseException | None] = [None] * 6
 
-                def load(n: int) -> None:
+                def load(n: int, addr: tuple[str, int] = addr, started: threading.Barrier = started,
+                         round_: int = round_, endings: list[BaseException | None] = endings) -> None:
                     with KvsClient(addr, timeout=DEADLINE) as c:
                         started.wait(DEADLINE)
                         try:
@@ -640,31 +626,55 @@ def test_stopped_reading_client_does_not_stop_the_others(tmp_path: Path) -> None
         wait_for(lambda: server.connection_count() == 0, what="the abandoned connections to close")
 
 
-class _ShutdownOnGet:
+class _EngineWrapper:
+    """A ``KvsEngine`` passing every call to ``engine``; subclasses change one."""
+
+    def __init__(self, engine: KvsEngine) -> None:
+        self.engine = engine
+        self.name = engine.name
+
+    @property
+    def fsync(self) -> FsyncPolicy:
+        return self.engine.fsync
+
+    def get(self, key: str) -> str | None:
+        return self.engine.get(key)
+
+    def set(self, key: str, value: str) -> None:
+        self.engine.set(key, value)
+
+    def set_many(self, items: Sequence[tuple[str, str]]) -> None:
+        self.engine.set_many(items)
+
+    def remove(self, key: str) -> None:
+        self.engine.remove(key)
+
+    def __len__(self) -> int:
+        return len(self.engine)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class _ShutdownOnGet(_EngineWrapper):
     """An engine that shuts the server down from inside a GET of ``"stop"``: on the pool
     thread serving the request (in leader-followers, a thread the server waits for)."""
 
-    def __init__(self, engine: object) -> None:
-        self.engine = engine
+    def __init__(self, engine: KvsEngine) -> None:
+        super().__init__(engine)
         self.server: KvsServer | None = None
 
     def get(self, key: str) -> str | None:
         if key == "stop" and self.server is not None:
             self.server.shutdown(timeout=DEADLINE)
             return "stopping"
-        return self.engine.get(key)  # type: ignore[attr-defined]
-
-    def set(self, key: str, value: str) -> None:
-        self.engine.set(key, value)  # type: ignore[attr-defined]
-
-    def remove(self, key: str) -> None:
-        self.engine.remove(key)  # type: ignore[attr-defined]
+        return self.engine.get(key)
 
 
 def test_shutdown_from_inside_a_request_returns(tmp_path: Path, io_model: str) -> None:
     with opened_engine("kvs", tmp_path / "d") as engine, started_pool("shared-queue", 2) as pool:
         wrapper = _ShutdownOnGet(engine)
-        server = KvsServer(wrapper, pool, ("127.0.0.1", 0), io_model=io_model)  # type: ignore[arg-type]
+        server = KvsServer(wrapper, pool, ("127.0.0.1", 0), io_model=io_model)
         wrapper.server = server
         done = threading.Event()
         t = threading.Thread(target=lambda: (server.serve_forever(), done.set()), daemon=True)
@@ -683,22 +693,16 @@ def test_shutdown_from_inside_a_request_returns(tmp_path: Path, io_model: str) -
 # ------------------------------------------------------------------------------ scheduling
 
 
-class _PolicyRecorder:
+class _PolicyRecorder(_EngineWrapper):
     """An engine that records the scheduling policy of the thread running each GET."""
 
-    def __init__(self, engine: object) -> None:
-        self.engine = engine
+    def __init__(self, engine: KvsEngine) -> None:
+        super().__init__(engine)
         self.policies: list[int] = []
 
     def get(self, key: str) -> str | None:
         self.policies.append(os.sched_getscheduler(0))
-        return self.engine.get(key)  # type: ignore[attr-defined]
-
-    def set(self, key: str, value: str) -> None:
-        self.engine.set(key, value)  # type: ignore[attr-defined]
-
-    def remove(self, key: str) -> None:
-        self.engine.remove(key)  # type: ignore[attr-defined]
+        return self.engine.get(key)
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux-only")
@@ -708,7 +712,7 @@ def test_connection_threads_serve_under_the_scheduling_mode_and_get_their_policy
     expected = os.SCHED_BATCH if scheduling == "batch" and io_model == "leader-followers" else os.SCHED_OTHER
     with opened_engine("kvs", tmp_path / "d") as engine, started_pool("shared-queue", 2) as pool:
         recorder = _PolicyRecorder(engine)
-        with serving(recorder, pool, scheduling=scheduling) as server:  # type: ignore[arg-type]
+        with serving(recorder, pool, scheduling=scheduling) as server:
             clients = [KvsClient(server.address, timeout=DEADLINE) for _ in range(4)]
             try:
                 for i in range(50):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import random
 import socket
 import struct
-import threading
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +40,7 @@ from kvs.protocol import (
     encode_set,
     encode_value,
 )
+from tests.helpers import run_threads
 from tests.netutil import DEADLINE, connect, read_until_closed, server_stack
 
 SENTINEL_KEY, SENTINEL_VALUE = "fuzz-sentinel", "still here ✓"
@@ -302,30 +302,19 @@ def test_random_and_mutated_bytes_leave_the_default_server_healthy(default_serve
 
 
 def test_concurrent_fuzzers_leave_the_server_healthy(default_server) -> None:
-    errors: list[BaseException] = []
-
     def fuzzer(seed: int) -> None:
         rng = random.Random(seed)
-        try:
-            for _ in range(40):
-                payload = mutate(rng, valid_stream(rng)) if rng.random() < 0.7 else random_bytes(rng)
-                sock = connect(default_server)
-                try:
-                    if send_quietly(sock, payload):
-                        sock.shutdown(socket.SHUT_WR)
-                    read_until_closed(sock)
-                finally:
-                    sock.close()
-        except BaseException as exc:
-            errors.append(exc)
+        for _ in range(40):
+            payload = mutate(rng, valid_stream(rng)) if rng.random() < 0.7 else random_bytes(rng)
+            sock = connect(default_server)
+            try:
+                if send_quietly(sock, payload):
+                    sock.shutdown(socket.SHUT_WR)
+                read_until_closed(sock)
+            finally:
+                sock.close()
 
-    threads = [threading.Thread(target=fuzzer, args=(100 + i,), daemon=True) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(90)
-    assert not any(t.is_alive() for t in threads)
-    assert not errors, errors[0]
+    run_threads([lambda seed=100 + i: fuzzer(seed) for i in range(6)])
     assert_healthy(default_server)
 
 

@@ -1,7 +1,8 @@
 """kvs-server: serve a data directory over the network.
 
     kvs-server [--addr IP:PORT] [--engine kvs|sqlite] [--pool NAME] [--threads N]
-               [--io MODEL] [--scheduling batch|normal] [--data-dir DIR] [--fsync never|always|interval] [limits...] [-V]
+               [--io MODEL] [--scheduling batch|normal] [--data-dir DIR]
+               [--fsync never|always|interval] [limits...] [-V]
 
 Every failure to start (bad flag, wrong engine for the directory, port in use, unwritable
 directory) is one line on stderr and a non-zero exit, never a traceback. SIGTERM and SIGINT
@@ -19,14 +20,13 @@ from pathlib import Path
 
 from kvs import __version__
 from kvs.address import DEFAULT_ADDRESS, parse_address
-from kvs.engine import ENGINES, detect_engine, open_engine
-from kvs.engine.kvstore import FSYNC_POLICIES
+from kvs.engine import ENGINES, FSYNC_POLICIES, detect_engine, open_engine
 from kvs.errors import KvsError
 from kvs.limits import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES
 from kvs.server import KvsServer
 from kvs.server.fd_limit import RESERVED_DESCRIPTORS, raise_open_file_limit
 from kvs.server.scheduling import SCHEDULING
-from kvs.server.server import IO_MODELS, available_protocols
+from kvs.server.server import IO_MODELS, PROTOCOLS
 from kvs.thread_pool import POOLS, make_pool
 
 log = logging.getLogger("kvs.server")
@@ -61,10 +61,10 @@ def _positive_float(text: str) -> float:
 
 def _protocols(text: str) -> tuple[str, ...]:
     names = tuple(p.strip() for p in text.split(",") if p.strip())
-    known = available_protocols()
-    bad = [p for p in names if p not in known]
+    bad = [p for p in names if p not in PROTOCOLS]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown protocol {', '.join(bad) or '(none)'}; choose from {','.join(known)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown protocol {', '.join(bad) or '(none)'}; choose from {','.join(PROTOCOLS)}")
     return names
 
 
@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsync", choices=FSYNC_POLICIES, default="never",
                    help="never: writes reach the OS before they are acknowledged (survive a crash "
                         "of the server); always: fsync before acknowledging; interval: fsync every second")
-    p.add_argument("--protocols", type=_protocols, default=available_protocols(), metavar="LIST",
-                   help=f"comma-separated protocols to serve (default {','.join(available_protocols())})")
+    p.add_argument("--protocols", type=_protocols, default=PROTOCOLS, metavar="LIST",
+                   help=f"comma-separated protocols to serve (default {','.join(PROTOCOLS)})")
     p.add_argument("--max-connections", type=_positive_int, default=10000, metavar="N")
     p.add_argument("--max-key-bytes", type=_positive_int, default=DEFAULT_MAX_KEY_BYTES, metavar="N")
     p.add_argument("--max-value-bytes", type=_positive_int, default=DEFAULT_MAX_VALUE_BYTES, metavar="N")

@@ -12,11 +12,11 @@ cache-warm choice). A normal thread preempts the client at once, answers that on
 and blocks again; the client gets the CPU back, sends one more request, and the two
 alternate one request per pair of context switches on one CPU, while the other pool thread
 runs alone on the other CPU. ``perf sched timehist`` shows exactly that on 2 cores with
-redis-benchmark at 50 connections (client runs 11 us, pool thread 17-24 us, in turn), and
-the machine is then 20-27% idle. It does not always settle in that pattern, so the same
-benchmark ran either at about 0.75x or about 0.55x Redis from one run to the next. A batch
-thread lets the client go on sending until it blocks, then finds several requests ready
-at once: the pattern disappears (the measurements are in the README's Performance section).
+redis-benchmark at 50 connections, with the machine partly idle; it does not always settle
+in that pattern, so the same benchmark ran at two quite different rates from one run to
+the next. A batch thread lets the client go on sending until it blocks, then finds several
+requests ready at once: the pattern disappears (the trace, its figures and the A/B rounds
+are in ``docs/free-threading.md``, section 2d).
 
 What it costs: on a CPU that is busy with another program, a woken pool thread waits for
 that program's time slice to end or for it to block, where a normal one would preempt it.
@@ -37,8 +37,8 @@ log = logging.getLogger("kvs.server")
 SCHEDULING = ("batch", "normal")
 """Scheduling modes of the connection-serving threads; the first is the default."""
 
-_SCHED_BATCH = getattr(os, "SCHED_BATCH", None)
-_SCHED_OTHER = getattr(os, "SCHED_OTHER", None)
+_SCHED_BATCH: int | None = getattr(os, "SCHED_BATCH", None)
+_SCHED_OTHER: int = getattr(os, "SCHED_OTHER", 0)
 
 
 @contextmanager

@@ -1,48 +1,29 @@
 """KvsServer: readiness-driven connections served by a thread pool, in one of two I/O models.
 
-Design, ``io_model="dispatch"`` (readiness dispatch with one-shot epoll):
-
-- The thread running :meth:`KvsServer.serve_forever` is the I/O thread. It owns an epoll
-  set holding the listening socket, a wake-up eventfd, and every *idle* connection, each
-  registered with ``EPOLLIN | EPOLLONESHOT``. It accepts new connections, and when a
-  connection becomes readable it marks it ``BUSY`` and hands ``connection.serve`` to the
-  pool. It never reads a request itself and never waits for a client.
-- A pool thread running ``serve`` reads what is there without blocking, executes the complete
-  requests in order, writes the responses (one ``send`` per batch), and re-arms the connection
-  in the epoll set (``epoll_ctl`` is safe from any thread). So an idle connection costs no
-  thread at all: with N pool threads, thousands of idle clients wait in the kernel while the
-  next active one is served at once. A pipelining client gets up to 16 batches per turn.
-- Limits: ``max_connections`` (further connections are accepted and closed at once with a
-  warning; out of descriptors, new ones wait in the listen backlog, see
-  ``_pause_accepting``; ``kvs-server`` raises its open-file limit to fit), frame and
-  key/value sizes (enforced by the protocol decoders before allocating),
-  ``frame_timeout`` for a half-sent request (checked by the I/O thread on idle connections),
-  ``send_timeout`` for a client that stops reading.
-- ``shutdown()`` (from any thread): the I/O thread stops accepting, closes idle connections,
-  lets busy ones finish the requests they have read (the workers close them instead of
-  re-arming), waits for them, and ``serve_forever`` returns. The pool and the engine belong
-  to the caller and stay open.
-
 Design, ``io_model="leader-followers"`` (the default): the pool threads wait on the epoll set
 themselves.
 
 - ``serve_forever`` starts one long-running job per pool thread (``_poll_connections``); the
   pool is then dedicated to this server. Each job waits in ``epoll_wait`` on the connections'
   set; the kernel hands each readiness event to exactly one waiting thread, which claims the
-  connection (``IDLE`` to ``BUSY`` under its lock) and serves it on the same thread. No
-  hand-off through a queue, no second thread woken per request: on a 2-core machine this
-  nearly doubled redis-benchmark's SET rate at 50 connections (``bench/README.md``). Idle
-  connections still pin no thread: threads wait in the kernel, not on a connection.
+  connection (``Connection.claim``: ``IDLE`` to ``BUSY`` under its lock) and serves it on the
+  same thread. No hand-off through a queue, no second thread woken per request
+  (``docs/protocol.md``, "Server hot paths", has what that buys). Idle connections still
+  pin no thread: threads wait in the kernel, not on a connection.
 - Connections are edge-triggered (``EPOLLET``) and stay armed: a request costs no
   ``epoll_ctl``. An event for a connection that is being served makes it ``AGAIN`` and its
-  owner serves another turn (``connection.py`` has the argument that no event is lost).
+  owner serves another turn (``connection.py`` has the state machine and the argument that
+  no event is lost).
 - The thread running ``serve_forever`` only accepts connections and sweeps half-sent frames
   (it closes an ``IDLE`` connection only through ``Connection.close(only_if_idle=True)``, one
   step under the connection's lock, so a pool thread cannot claim it halfway).
-- Shutdown as above; in addition an eventfd that is never read is made readable in the
-  connections' set, which wakes every waiting pool thread for good; ``serve_forever`` returns
-  once every one of them has left its loop. ``shutdown`` called on one of those threads (from
-  an engine, say) does not wait: it would wait for itself.
+- ``shutdown()`` (from any thread): the accepting thread stops accepting, closes idle
+  connections, lets busy ones finish the requests they have read (their owners close them
+  instead of releasing them), waits for them, and ``serve_forever`` returns. An eventfd that
+  is never read is made readable in the connections' set, which wakes every waiting pool
+  thread for good; ``serve_forever`` returns once every one of them has left its loop.
+  ``shutdown`` called on one of those threads (from an engine, say) does not wait: it would
+  wait for itself. The pool and the engine belong to the caller and stay open.
 - While the server runs, the pool runs nothing else: jobs spawned on it wait until then.
 - Each loop runs under ``SCHED_BATCH`` by default (``scheduling="batch"``, see
   ``scheduling.py``): a woken loop does not preempt a client on its CPU. The thread's own
@@ -50,9 +31,32 @@ themselves.
 - The choice of pool matters little here (every pool runs N identical loops); it is the
   ``dispatch`` model that the pool benchmarks compare.
 
-The protocol of a connection is chosen from its first byte (``_make_session``): our frames
-start with ``kvs.protocol.REQUEST_MAGIC`` (0xCB), RESP2 with ``*`` or an inline command's
-letter; ``protocols`` turns either off.
+Design, ``io_model="dispatch"`` (readiness dispatch with one-shot epoll):
+
+- The thread running :meth:`KvsServer.serve_forever` is the I/O thread. It owns an epoll
+  set holding the listening socket, a wake-up eventfd, and every *idle* connection, each
+  registered with ``EPOLLIN | EPOLLONESHOT``. It accepts new connections, and when a
+  connection becomes readable it claims it and hands ``Connection.serve`` to the pool. It
+  never reads a request itself and never waits for a client.
+- A pool thread running ``serve`` reads what is there without blocking, executes the complete
+  requests in order, writes the responses (one ``send`` per batch), and re-arms the connection
+  in the epoll set (``epoll_ctl`` is safe from any thread). So an idle connection costs no
+  thread at all: with N pool threads, thousands of idle clients wait in the kernel while the
+  next active one is served at once. A pipelining client gets up to 16 batches per turn.
+- Shutdown as above, without the eventfd: the I/O thread drains and returns.
+
+Both models:
+
+- Limits: ``max_connections`` (further connections are accepted and closed at once with a
+  warning; out of descriptors, new ones wait in the listen backlog, see
+  ``_pause_accepting``; ``kvs-server`` raises its open-file limit to fit), frame and
+  key/value sizes (enforced by the protocol decoders before allocating),
+  ``frame_timeout`` for a half-sent request (checked by the accepting thread on idle
+  connections), ``send_timeout`` for a client that stops reading.
+- The live connections, their epoll set and the shutdown flag are the
+  ``registry.ConnectionRegistry``, which is all a connection sees of its server; the
+  protocol of a connection is chosen from its first byte (``protocols.SessionFactory``).
+  Sessions see the server through ``sessions.ServerFacts``, a read-only view.
 """
 
 from __future__ import annotations
@@ -71,23 +75,21 @@ from types import TracebackType
 from kvs.address import parse_address
 from kvs.engine.base import KvsEngine
 from kvs.errors import KvsError
-from kvs.freethreading import share_attributes
+from kvs.freethreading import share_attributes, share_module_globals
 from kvs.limits import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES
-from kvs.protocol import REQUEST_MAGIC
-from kvs.server.connection import AGAIN, BUSY, IDLE, Connection, serve_all, serving_here
-from kvs.server.resp_session import RespSession
+from kvs.server.connection import IDLE, serve_all, serving_here
+from kvs.server.protocols import PROTOCOLS, SessionFactory, check_protocols
+from kvs.server.registry import ConnectionRegistry
 from kvs.server.scheduling import SCHEDULING, thread_scheduling
-from kvs.server.sessions import KvsSession, Session
+from kvs.server.sessions import ServerFacts
 from kvs.thread_pool.base import ThreadPool
+
+__all__ = ["IO_MODELS", "PROTOCOLS", "KvsServer", "parse_address"]
 
 log = logging.getLogger("kvs.server")
 
-PROTOCOLS = ("kvs", "resp")
-"""Protocols a server can speak on its one port: our binary frames and RESP2 (Redis)."""
 IO_MODELS = ("leader-followers", "dispatch")
 """How connections reach pool threads (see the module docstring); the first is the default."""
-_ARM = select.EPOLLIN | select.EPOLLONESHOT | select.EPOLLRDHUP  # dispatch: one event per arming
-_ARM_EDGE = select.EPOLLIN | select.EPOLLET | select.EPOLLRDHUP  # leader-followers: stays armed
 _EVENTS_PER_WAIT = 4  # leader-followers: ready connections one pool thread takes per epoll_wait
 # accept() errors that pause accepting (_pause_accepting) rather than fail one connection
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -116,18 +118,13 @@ class KvsServer:
     ) -> None:
         if isinstance(addr, str):
             addr = parse_address(addr)
-        self.protocols = tuple(protocols)
-        unknown = set(self.protocols) - set(PROTOCOLS)
-        if unknown or not self.protocols:
-            raise KvsError(f"unknown protocol(s) {', '.join(sorted(unknown)) or '(none given)'}")
+        self.protocols = check_protocols(protocols)
         if io_model not in IO_MODELS:
             raise KvsError(f"unknown I/O model {io_model!r} (choose from {', '.join(IO_MODELS)})")
         self.io_model = io_model
         if scheduling not in SCHEDULING:
             raise KvsError(f"unknown scheduling mode {scheduling!r} (choose from {', '.join(SCHEDULING)})")
         self.scheduling = scheduling
-        self._edge_triggered = io_model == "leader-followers"
-        self._arm = _ARM_EDGE if self._edge_triggered else _ARM
         if max_connections < 1 or frame_timeout <= 0 or send_timeout <= 0:
             raise KvsError("max_connections, frame_timeout and send_timeout must be positive")
         self.engine = engine
@@ -158,21 +155,29 @@ class KvsServer:
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._pollers = 0  # leader-followers loops still running; guarded by _drained
         self._local = threading.local()  # .poller: this thread runs a leader-followers loop
-        self._connections: dict[int, Connection] = {}
+        self._io_thread: threading.Thread | None = None  # the thread running serve_forever
+        # The sessions' view counts through the registry (made just below), not the server.
+        registry: ConnectionRegistry
+        facts = ServerFacts(
+            address=self._address, max_connections=max_connections, max_key_bytes=max_key_bytes,
+            max_value_bytes=max_value_bytes, io_model=io_model, pool_name=pool.name,
+            pool_threads=pool.threads, engine_name=engine.name, engine_fsync=engine.fsync,
+            started_at=self.started_at, connection_count=lambda: registry.count(),
+            total_commands=lambda: registry.total_commands())
+        registry = self._registry = ConnectionRegistry(
+            self._epoll, SessionFactory(engine, facts, self.protocols),
+            edge_triggered=io_model == "leader-followers", send_timeout=send_timeout)
         # Out of descriptors, accept() fails while the listener stays readable: the epoll set
         # holding the listener stops watching it until the next sweep (_pause_accepting)
         # instead of spinning. Both only touched by the accepting thread.
         self._listener_ep: select.epoll | None = None
         self._accept_paused = False
         self._accept_failures = 0  # failed accepts since the last one that worked
-        self._stopping = False
         self._running = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
         self._serve_lock = threading.Lock()
-        self._drained = threading.Condition()
-        self._commands_of_closed = 0
-        self._stats_lock = threading.Lock()
+        self._drained = threading.Condition()  # notified when a leader-followers loop ends
         share_attributes(self)  # pool threads read the server's attributes on every request
 
     # ------------------------------------------------------------------ public API
@@ -191,7 +196,7 @@ class KvsServer:
             # in this thread never waits (it would wait for itself).
             self._io_thread = threading.current_thread()
             self._stopped.clear()
-            if self._stopping:
+            if self._registry.stopping:
                 return
             self._running.set()
             if self.io_model == "dispatch":
@@ -208,14 +213,14 @@ class KvsServer:
         closed, and ``serve_forever`` returns. Waits for that unless called from the I/O
         thread itself (e.g. from a signal handler running there) or from a thread serving a
         request (from an engine, say): those would wait for themselves."""
-        self._stopping = True
+        self._registry.stop()
         wake_fd = self._wake_fd
         if wake_fd >= 0:
             try:
                 os.eventfd_write(wake_fd, 1)
             except OSError:
                 pass
-        if threading.current_thread() is not getattr(self, "_io_thread", None) \
+        if threading.current_thread() is not self._io_thread \
                 and not getattr(self._local, "poller", False) and not serving_here():
             self._stopped.wait(timeout)
 
@@ -240,12 +245,12 @@ class KvsServer:
         self.close()
 
     def connection_count(self) -> int:
-        return len(self._connections)
+        """Connections open now."""
+        return self._registry.count()
 
     def total_commands(self) -> int:
         """Requests executed so far (closed connections included)."""
-        live = sum(getattr(c.session, "commands", 0) for c in list(self._connections.values()))
-        return self._commands_of_closed + live
+        return self._registry.total_commands()
 
     # ------------------------------------------------------------------ the I/O thread
     def _io_loop(self) -> None:
@@ -255,15 +260,16 @@ class KvsServer:
         ep.register(lfd, select.EPOLLIN)
         ep.register(self._wake_fd, select.EPOLLIN)
         self._listener_ep = ep
-        conns = self._connections
+        registry = self._registry
+        conns = registry.connections
         spawn = self.pool.spawn
-        fanout = max(1, getattr(self.pool, "threads", 1))
+        fanout = max(1, self.pool.threads)
         tick = min(1.0, self.frame_timeout / 4)
         next_sweep = time.monotonic() + tick
         try:
-            while not self._stopping:
+            while not registry.stopping:
                 ready = []
-                for fd, _events in ep.poll(tick):
+                for fd, events in ep.poll(tick):
                     if fd == lfd:
                         self._accept_all()
                     elif fd == self._wake_fd:
@@ -273,10 +279,7 @@ class KvsServer:
                             conn = conns[fd]  # not conns.get: see _poll_connections
                         except KeyError:
                             continue
-                        # Only this thread moves a connection out of IDLE, so no lock is
-                        # needed to claim it; workers only ever move BUSY ones.
-                        if conn.state == IDLE:
-                            conn.state = BUSY
+                        if conn.claim(events):
                             ready.append(conn)
                 if ready:
                     # One job per ready connection, or, when more are ready than the pool
@@ -286,13 +289,13 @@ class KvsServer:
                         jobs = [partial(serve_all, [conn]) for conn in ready]
                     else:
                         jobs = [partial(serve_all, ready[i::fanout]) for i in range(fanout)]
-                    for job in jobs:
+                    for n, job in enumerate(jobs):
                         try:
                             spawn(job)
                         except Exception as exc:  # the pool was shut down under us
                             log.error("cannot dispatch connections to the pool: %s", exc)
-                            for conn in ready:
-                                if conn.state == BUSY:
+                            for unsent in jobs[n:]:  # this thread still owns their connections
+                                for conn in unsent.args[0]:
                                     conn.close()
                             break
                 next_sweep = self._sweep_if_due(next_sweep, tick)
@@ -310,7 +313,7 @@ class KvsServer:
         tick = min(1.0, self.frame_timeout / 4)
         next_sweep = time.monotonic() + tick
         try:
-            for _ in range(max(1, getattr(self.pool, "threads", 1))):
+            for _ in range(max(1, self.pool.threads)):
                 with self._drained:
                     self._pollers += 1
                 try:
@@ -319,7 +322,7 @@ class KvsServer:
                     with self._drained:
                         self._pollers -= 1
                     raise KvsError(f"cannot start the server's loops on the pool: {exc}") from None
-            while not self._stopping:
+            while not self._registry.stopping:
                 for fd, _events in io_ep.poll(tick):
                     if fd == lfd:
                         self._accept_all()
@@ -327,7 +330,7 @@ class KvsServer:
                         self._consume_wake()
                 next_sweep = self._sweep_if_due(next_sweep, tick)
         finally:
-            self._stopping = True  # also when a spawn failed: the loops already started leave
+            self._registry.stop()  # also when a spawn failed: the loops already started leave
             io_ep.close()
             os.eventfd_write(self._stop_fd, 1)
             self._drain()
@@ -337,13 +340,14 @@ class KvsServer:
     def _poll_connections(self) -> None:
         """leader-followers pool job: wait for ready connections, serve each one here."""
         ep = self._epoll
-        conns = self._connections
+        registry = self._registry
+        conns = registry.connections
         stop_fd = self._stop_fd
         self._local.poller = True
         try:
             # SCHED_BATCH while it serves, the thread's own policy again after (scheduling.py)
             with thread_scheduling(self.scheduling):
-                while not self._stopping:
+                while not registry.stopping:
                     for fd, events in ep.poll(1.0, _EVENTS_PER_WAIT):
                         if fd == stop_fd:
                             continue
@@ -379,15 +383,13 @@ class KvsServer:
                 log.info("accepting connections again (%d accepts had failed)", self._accept_failures)
                 self._accept_failures = 0
             peer = f"{peer_addr[0]}:{peer_addr[1]}"
-            if len(self._connections) >= self.max_connections:
+            if self._registry.count() >= self.max_connections:
                 log.warning("refusing connection from %s: %d connections is the limit", peer, self.max_connections)
                 sock.close()
                 continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Connection(self, sock, peer)
-            self._connections[conn.fd] = conn
-            self._epoll.register(conn.fd, self._arm)
+            self._registry.add(sock, peer)
 
     def _consume_wake(self) -> None:
         try:
@@ -403,7 +405,9 @@ class KvsServer:
         self._accept_failures += 1
         if self._accept_failures == 1:
             log.warning("accept failed: %s; new connections wait in the backlog until "
-                        "descriptors are free (%d connections open)", exc.strerror, len(self._connections))
+                        "descriptors are free (%d connections open)", exc.strerror, self._registry.count())
+        if self._listener_ep is None:
+            return
         try:
             self._listener_ep.modify(self._listener.fileno(), 0)
             self._accept_paused = True
@@ -417,7 +421,7 @@ class KvsServer:
         if now < next_sweep:
             return next_sweep
         self._close_stalled(now)
-        if self._accept_paused:
+        if self._accept_paused and self._listener_ep is not None:
             self._accept_paused = False
             self._listener_ep.modify(self._listener.fileno(), select.EPOLLIN)
         return now + tick
@@ -435,14 +439,14 @@ class KvsServer:
         quarter of ``frame_timeout``, at most a second). A busy connection is skipped; the
         close itself re-checks ``IDLE`` under the lock."""
         limit = self.frame_timeout
-        for conn in list(self._connections.values()):
+        for conn in self._registry.snapshot():
             session = conn.session
-            if conn.state != IDLE or session is None:
+            if conn.state != IDLE or session is None:  # a hint: close() re-checks IDLE
                 continue
             if not session.in_frame:
                 conn.partial_since = 0.0
                 continue
-            commands = getattr(session, "commands", 0)
+            commands = session.commands
             if not conn.partial_since or commands != conn.partial_commands:
                 conn.partial_since = now
                 conn.partial_commands = commands
@@ -458,74 +462,16 @@ class KvsServer:
         # Close the listener now: serve_forever cannot run again, so a connection waiting in
         # the backlog (or made later) must be refused, not left hanging until close().
         self._listener.close()
+        registry = self._registry
         while True:
-            for conn in list(self._connections.values()):
-                # Check and close under the connection's lock: a worker in _release that saw
-                # _stopping False (just before shutdown) may be turning BUSY into IDLE right
+            for conn in registry.snapshot():
+                # Check and close under the connection's lock: an owner in release() that saw
+                # stopping False (just before shutdown) may be turning BUSY into IDLE right
                 # now (unlocked, we could see BUSY, skip it, and wait forever for an IDLE
                 # connection to close), and a leader-followers thread may be claiming it.
                 conn.close(only_if_idle=True)
-            with self._drained:
-                if self._drained.wait_for(lambda: not self._connections, timeout=1.0):
-                    return
+            if registry.wait_empty(1.0):
+                return
 
-    # ------------------------------------------------------------------ called by connections
-    def _make_session(self, first_byte: int, peer: str) -> Session | None:
-        if first_byte == REQUEST_MAGIC and "kvs" in self.protocols:
-            return KvsSession(self.engine, peer, max_key_bytes=self.max_key_bytes,
-                              max_value_bytes=self.max_value_bytes)
-        if "resp" in self.protocols and (first_byte == 0x2A or 0x41 <= first_byte <= 0x7A):
-            # RESP: a "*" array, or an inline command starting with a letter
-            return RespSession(self, peer)
-        log.warning("closing connection from %s: unknown protocol (first byte 0x%02x)", peer, first_byte)
-        return None
-
-    def _release(self, conn: Connection, drained: bool) -> int | None:
-        """The owner of ``conn`` is done with a turn: hand it back (``IDLE``, re-armed when
-        that is needed) or close it on shutdown, and return None. When a readiness event
-        came during the turn (``AGAIN``) the owner keeps the connection instead: the
-        events it carried are returned, for another turn."""
-        with conn.lock:
-            state = conn.state
-            if state == AGAIN and not self._stopping:
-                conn.state = BUSY
-                events, conn.pending = conn.pending, 0
-                return events
-            if state != BUSY and state != AGAIN:
-                return None
-            if not self._stopping:
-                conn.state = IDLE
-                if drained and self._edge_triggered:
-                    return None  # still armed: the next bytes make a new edge
-                try:
-                    self._epoll.modify(conn.fd, self._arm)
-                    return None
-                except (OSError, ValueError):
-                    pass
-        conn.close()
-        return None
-
-    def _forget(self, conn: Connection) -> None:
-        """Called by ``Connection.close`` before the socket is closed (so the fd number
-        cannot have been reused yet)."""
-        try:
-            self._epoll.unregister(conn.fd)
-        except (OSError, ValueError):
-            pass
-        if self._connections.get(conn.fd) is conn:
-            del self._connections[conn.fd]
-        with self._stats_lock:
-            self._commands_of_closed += getattr(conn.session, "commands", 0)
-        if self._stopping:
-            with self._drained:
-                self._drained.notify_all()
-
-
-def available_protocols() -> tuple[str, ...]:
-    """Names of the protocols a server can speak."""
-    return PROTOCOLS
-
-
-from kvs.freethreading import share_module_globals  # noqa: E402  (last: marks this module's globals)
 
 share_module_globals(globals())
