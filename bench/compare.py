@@ -37,8 +37,11 @@ from bench.__main__ import SUITES
 ROOT = Path(__file__).resolve().parent.parent
 MEASURES = ("ops_per_sec", "p50_us", "p99_us", "seconds", "bytes_per_key", "ratio", "ratio_to_best_peer",
             "ratio_to_1_thread")
-"""Record fields that are measurements; every other scalar field names what was measured."""
-_IGNORED = {"gil", "note", "reps", "ops_per_sec_p5", "ops_per_sec_p95", "round_ratios", "ratios"}
+"""Record fields that are measurements, compared head/base."""
+IDENTITY = ("suite", "benchmark", "engine", "pool", "io_model", "threads", "workload", "client_connections",
+            "producers", "connections", "pipeline", "command")
+"""Record fields that say what was measured (bench/README.md); a field one side's records do not
+have yet counts as absent, so revisions whose records gained descriptive fields still pair."""
 
 
 @contextmanager
@@ -75,9 +78,8 @@ def run_suite(tree: Path, suite: str, gil: str, quick: bool) -> list[dict[str, A
 
 
 def identity(record: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-    """What a record measured (every scalar field that is not a measurement)."""
-    return tuple(sorted((k, v) for k, v in record.items()
-                        if k not in MEASURES and k not in _IGNORED and not isinstance(v, (list, dict))))
+    """What a record measured."""
+    return tuple((k, record.get(k)) for k in IDENTITY)
 
 
 def pair_rounds(rounds: list[dict[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
