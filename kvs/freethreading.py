@@ -53,7 +53,9 @@ import os
 import sys
 import sysconfig
 import weakref
-from typing import Any
+from typing import Any, TypeVar, cast
+
+T = TypeVar("T")
 
 log = logging.getLogger("kvs.freethreading")
 
@@ -97,7 +99,8 @@ MARKING_ENABLED = LAYOUT_KNOWN and os.environ.get("KVS_MARK_SHARED", "1") != "0"
 """True when marks are made: a free-threaded 3.13 with the known layout, and
 ``KVS_MARK_SHARED`` is not ``0``."""
 
-SHARED_COUNTS: Any = (ctypes.c_int64 * (1 << 44)).from_address(0) if MARKING_ENABLED else None
+SHARED_COUNTS: ctypes.Array[ctypes.c_int64] | None = (
+    (ctypes.c_int64 * (1 << 44)).from_address(0) if MARKING_ENABLED else None)
 """The machine words of the address space as one ctypes array (a view at address 0, nothing
 allocated), or None when marking is off. ``SHARED_COUNTS[(id(obj) + SHARED_COUNT_OFFSET) >> 3]``
 is ``obj``'s shared reference count (objects are 8-byte aligned): one subscript per mark,
@@ -141,11 +144,15 @@ def _is_immortal(obj: object) -> bool:
     return _u32_at(id(obj) + _OB_REF_LOCAL).value == _IMMORTAL_LOCAL
 
 
-def shared_copy(value: Any) -> Any:
+def shared_copy(value: T) -> T:
     """An object equal to the immutable ``value`` (int, float, str, bytes, tuple or frozenset
     of such), made here and marked shared, for a value that other threads may already reach:
     it is marked before anyone else can see it, so the mark cannot race. ``value`` itself for
     an immortal object, another type, or when marking is off."""
+    return cast(T, _copy_of(value))
+
+
+def _copy_of(value: Any) -> Any:
     if SHARED_COUNTS is None or _is_immortal(value):
         return value
     kind = type(value)
@@ -160,9 +167,9 @@ def shared_copy(value: Any) -> Any:
     elif kind is tuple:
         if not value:
             return value
-        copy = tuple([shared_copy(item) for item in value])
+        copy = tuple([_copy_of(item) for item in value])
     elif kind is frozenset:
-        copy = frozenset([shared_copy(item) for item in value])
+        copy = frozenset([_copy_of(item) for item in value])
     else:
         return value
     if copy is value or _is_immortal(copy):  # a singleton: nothing to mark
