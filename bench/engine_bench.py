@@ -38,6 +38,12 @@ Benchmarks (100-byte values; 100k keys, quick 10k; every result is checked):
     keys' own UTF-8 bytes, per key (``bytes_per_key``).
 ``open_from_hints`` / ``open_from_log`` (kvs only; 1M keys, quick 100k)
     Seconds to open the store after a compaction (hint files) and with the hint files deleted.
+``index_memory_ttl`` (kvs only; 1M keys, quick 100k)
+    ``index_memory`` of the same keys and values, each written with a TTL (one day); its
+    ``ttl_bytes_per_key`` is the difference from ``index_memory``: what a TTL costs per key.
+``clear`` (kvs only; 1M keys, quick 100k)
+    Seconds of one ``clear()`` of that store (with a TTL on every key), and the data
+    directory's bytes before and after it (``dir_bytes_before`` / ``dir_bytes_after``).
 
 Warm-up plus 3 repetitions with medians (``bench.common``; set's warm-up is a round of a
 tenth of the keys, as every round builds a fresh store); ``get_threads``: a warm-up per thread count, then 4 interleaved
@@ -82,7 +88,7 @@ ENGINES = ("kvs", "sqlite3", "diskcache")
 THREAD_COUNTS = (1, 2, 4)
 VALUE_BYTES = 100
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("set_get", "get_threads", "latency", "index_memory", "open")
+BENCHMARKS = ("set_get", "get_threads", "latency", "index_memory", "open", "index_memory_ttl", "clear")
 
 
 def key_of(i: int) -> str:
@@ -467,13 +473,17 @@ def bench_latency(work: Workdir, n: int, reps: int) -> list[dict]:
             record(SUITE, "get_latency_compacting", engine="kvs", threads=1, keys=n, **med(busy))]
 
 
-def build_big_store(path: str, n: int) -> None:
+TTL_SECONDS = 86_400
+"""The TTL of every key of the ``index_memory_ttl`` store."""
+
+
+def build_big_store(path: str, n: int, ttl: float | None = None) -> None:
     """A KvStore of ``n`` keys written twice (so a compaction has work), compacted: every
-    record then sits in compaction outputs with hint files."""
-    with KvStore.open(path, background_compaction=False) as store:
+    record then sits in compaction outputs with hint files. With ``ttl``, every key has one."""
+    with KvStore.open(path, background_compaction=False, expire_sweep_interval=0) as store:
         for _ in range(2):
             for i in range(n):
-                store.set(key_of(i), value_of(i))
+                store.set(key_of(i), value_of(i), ttl=ttl)
         store.compact()
         assert len(store) == n
 
@@ -486,7 +496,7 @@ def rss():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 gc.collect()
 before = rss()
-store = KvStore.open(sys.argv[1], background_compaction=False)
+store = KvStore.open(sys.argv[1], background_compaction=False, expire_sweep_interval=0)
 gc.collect()
 after = rss()
 n = len(store)
@@ -497,7 +507,9 @@ print(json.dumps({"before": before, "after": after, "keys": n, "key_bytes": key_
 """
 
 
-def bench_index_memory(path: str, n: int, reps: int) -> list[dict]:
+def index_bytes_per_key(path: str, n: int, reps: int) -> list[float]:
+    """``reps`` measurements of the index's bytes per key of the store at ``path``, each in a
+    fresh process."""
     results = []
     for _ in range(reps):
         out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, path, key_of(n - 1)], capture_output=True,
@@ -505,8 +517,44 @@ def bench_index_memory(path: str, n: int, reps: int) -> list[dict]:
         m = json.loads(out.stdout)
         assert m["keys"] == n, m
         results.append((m["after"] - m["before"] - m["key_bytes"]) / n)
+    return results
+
+
+def bench_index_memory(path: str, n: int, reps: int) -> list[dict]:
+    results = index_bytes_per_key(path, n, reps)
     return [record(SUITE, "index_memory", engine="kvs", keys=n, bytes_per_key=statistics.median(results),
                    reps=len(results), key_text_bytes_per_key=len(key_of(0)))]
+
+
+def bench_index_memory_ttl(path: str, plain_path: str, n: int, reps: int) -> list[dict]:
+    """``index_memory`` with a TTL on every key, measured in the same rounds as the store
+    without TTLs (``plain_path``), so that the difference is paired."""
+    with_ttl, plain = [], []
+    for _ in range(reps):
+        with_ttl += index_bytes_per_key(path, n, 1)
+        plain += index_bytes_per_key(plain_path, n, 1)
+    diffs = [a - b for a, b in zip(with_ttl, plain, strict=True)]
+    return [record(SUITE, "index_memory_ttl", engine="kvs", keys=n, bytes_per_key=statistics.median(with_ttl),
+                   ttl_bytes_per_key=statistics.median(diffs), reps=reps, ttl_seconds=TTL_SECONDS,
+                   key_text_bytes_per_key=len(key_of(0)))]
+
+
+def dir_bytes(path: str) -> int:
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+
+
+def bench_clear(path: str, n: int) -> list[dict]:
+    """One ``clear()`` of the store at ``path`` (destroys its data)."""
+    with KvStore.open(path, background_compaction=False, expire_sweep_interval=0) as store:
+        assert len(store) == n
+        before = dir_bytes(path)
+        t0 = time.perf_counter()
+        store.clear()
+        elapsed = time.perf_counter() - t0
+        assert len(store) == 0
+        after = dir_bytes(path)
+    return [record(SUITE, "clear", engine="kvs", keys=n, seconds=elapsed, dir_bytes_before=before,
+                   dir_bytes_after=after, reps=1)]
 
 
 def bench_open(path: str, n: int, reps: int) -> list[dict]:
@@ -540,9 +588,9 @@ def run(quick: bool, progress: Progress = no_progress, only: Sequence[str] | Non
     big = 50_000 if quick else 1_000_000
     reps = 3
     if gil_enabled() and only is None:
-        # Index memory and open time are single-threaded properties of the engine: measured
+        # Index memory, open and clear times are single-threaded properties of the engine: measured
         # once, in the free-threaded run (the A/B is about threads, and these take minutes).
-        selected = [b for b in selected if b not in ("index_memory", "open")]
+        selected = [b for b in selected if b not in ("index_memory", "open", "index_memory_ttl", "clear")]
     if SMOKE:
         n, big, reps = 300, 2_000, 1
     steps: list[tuple[str, Callable[[], list[dict]]]] = []
@@ -555,6 +603,14 @@ def run(quick: bool, progress: Progress = no_progress, only: Sequence[str] | Non
             build_big_store(big_path[0], big)
         return big_path[0]
 
+    ttl_path: list[str] = []
+
+    def ttl_store() -> str:
+        if not ttl_path:
+            ttl_path.append(work.fresh())
+            build_big_store(ttl_path[0], big, ttl=TTL_SECONDS)
+        return ttl_path[0]
+
     if "set_get" in selected:
         steps.append((f"set/get 1 thread, interleaved: {', '.join(ENGINES)}",
                       lambda: bench_set_get(work, ENGINES, n, reps)))
@@ -566,8 +622,13 @@ def run(quick: bool, progress: Progress = no_progress, only: Sequence[str] | Non
         steps.append(("get latency idle/compacting: kvs", lambda: bench_latency(work, n, reps)))
     if "index_memory" in selected:
         steps.append((f"index memory at {big} keys", lambda: bench_index_memory(big_store(), big, 2)))
+    if "index_memory_ttl" in selected:
+        steps.append((f"index memory at {big} keys, each with a TTL",
+                      lambda: bench_index_memory_ttl(ttl_store(), big_store(), big, 2)))
     if "open" in selected:
         steps.append((f"open {big} keys: hints vs log", lambda: bench_open(big_store(), big, reps)))
+    if "clear" in selected:  # last: it destroys the TTL store
+        steps.append((f"clear() of {big} keys", lambda: bench_clear(ttl_store(), big)))
 
     records: list[dict] = []
     versions = engine_versions()
@@ -598,6 +659,10 @@ def print_table(records: list[dict]) -> None:
         other = []
         if "bytes_per_key" in r:
             other.append(f"{r['bytes_per_key']:.0f} B/key")
+        if "ttl_bytes_per_key" in r:
+            other.append(f"TTL +{r['ttl_bytes_per_key']:.0f} B/key")
+        if "dir_bytes_after" in r:
+            other.append(f"dir {r['dir_bytes_before']:,} -> {r['dir_bytes_after']:,} bytes")
         if "seconds" in r:
             other.append(f"{r['seconds']:.2f} s")
         if "keys" in r:

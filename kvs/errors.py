@@ -9,12 +9,17 @@ class KvsError(Exception):
     """An operation of kvs failed: bad input, a closed store, corruption, a network error."""
 
 
-class KeyNotFoundError(KvsError):
-    """``remove`` of a key that is not in the store."""
+class KeyNotFoundError(KvsError, KeyError):
+    """An absent key: ``remove``, ``ttl``, ``expiry``, ``store[key]``, ``del store[key]``.
+    Both a ``KvsError`` and a ``KeyError`` (what the mapping protocol raises); its text is the
+    message, not ``KeyError``'s quoted repr."""
 
-    def __init__(self, key: str | None = None, message: str = "Key not found") -> None:
+    def __init__(self, key: object = None, message: str = "Key not found") -> None:
         super().__init__(message)
         self.key = key
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "Key not found"
 
 
 class ProtocolError(KvsError):

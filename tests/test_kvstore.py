@@ -903,7 +903,7 @@ def test_interrupted_compaction_leftovers_are_recovered(tmp_path: Path) -> None:
 
 
 # =========================================================================== bad input
-@pytest.mark.parametrize("bad", [None, 1, b"bytes", 1.5, ["list"]])
+@pytest.mark.parametrize("bad", [None, 1, 1.5, ["list"], {"dict": 1}])
 def test_wrong_types_raise_type_error(stores: Callable[..., KvStore], tmp_path: Path, bad: object) -> None:
     store = stores(tmp_path)
     store.set("k", "v")
@@ -940,10 +940,10 @@ def test_lone_surrogates_are_rejected_and_nothing_is_written(stores: Callable[..
         with pytest.raises(KvsError, match="Unicode"):
             call()
     assert store.stats() == before
-    assert store.get("k2") is None and store.keys() == ["k"]
+    assert store.get("k2") is None and list(store.keys()) == ["k"]
     store.close()
     store = stores(tmp_path)
-    assert store.keys() == ["k"]
+    assert list(store.keys()) == ["k"]
 
 
 def test_oversized_keys_and_values_are_rejected_and_nothing_is_written(
@@ -976,7 +976,10 @@ def test_use_after_close_raises_and_close_is_idempotent(tmp_path: Path) -> None:
     store.close()
     for call in (lambda: store.get("k"), lambda: store.get("absent"), lambda: store.set("k", "v"),
                  lambda: store.set("new", "v"), lambda: store.remove("k"), lambda: store.remove("absent"),
-                 lambda: len(store), store.keys, store.stats, store.compact):
+                 lambda: len(store), lambda: list(store.keys()), store.stats, store.compact,
+                 lambda: "k" in store, lambda: store.scan(0), store.clear, lambda: store.ttl("k"),
+                 lambda: store.expire("k", 5), lambda: store.update("k", str.upper),
+                 lambda: store.set_many([("a", "1"), ("b", "2")]), store.purge_expired):
         with pytest.raises(KvsError, match="closed"):
             call()
     with KvStore.open(tmp_path) as again:  # close released the directory
@@ -1030,7 +1033,7 @@ def test_directory_marked_sqlite_is_refused(tmp_path: Path) -> None:
 def test_kvstore_directory_has_its_meta_file(tmp_path: Path) -> None:
     with KvStore.open(tmp_path):
         pass
-    assert json.loads((tmp_path / "kvs-meta.json").read_text()) == {"engine": "kvs", "format": 1}
+    assert json.loads((tmp_path / "kvs-meta.json").read_text()) == {"engine": "kvs", "format": 2}
 
 
 @pytest.mark.parametrize("options", [{"fsync": "sometimes"}, {"fsync": "ALWAYS"}, {"stripes": 3},
@@ -1353,24 +1356,30 @@ def test_cache_under_concurrent_overwrites_is_never_stale(stores: Callable[..., 
 
 
 def test_positions_round_trip_in_both_forms() -> None:
-    for fd, offset, length in [(3, 0, 13), (4095, (1 << 32) - 1, 65535), (4096, 0, 13), (5, 1 << 32, 13),
+    for fd, offset, length in [(3, 0, 13), (4095, (1 << 30) - 1, 65535), (4096, 0, 13), (5, 1 << 30, 13),
                                (5, 7, 65536), (70000, (1 << 40) - 1, (1 << 30) - 1)]:
-        pos = positions.pack(fd, offset, length)
-        assert positions.unpack(pos) == (fd, offset, length)
-        assert positions.length(pos) == length
-        assert (pos < 1 << 60) == (fd < 4096 and offset < 1 << 32 and length < 1 << 16)
+        for flags in (0, positions.EXPIRES, positions.KEY_BYTES, positions.EXPIRES | positions.KEY_BYTES):
+            pos = positions.pack(fd, offset, length, flags)
+            assert positions.unpack(pos) == (fd, offset, length)
+            assert positions.length(pos) == length
+            assert positions.flags(pos) == flags
+            assert (pos < 0) == bool(flags & positions.EXPIRES)  # the sign is the EXPIRES flag
+            assert (abs(pos) < 1 << 60) == (fd < 4096 and offset < 1 << 30 and length < 1 << 16)
 
 
-def _newest_records(path: Path) -> dict[str, tuple[int, int, int]]:
-    """``key -> (inode, offset, length)`` of each live key's newest SET record, in replay order
-    (the active segment's zero tail, allocated ahead of the records, ends its scan)."""
-    out: dict[str, tuple[int, int, int]] = {}
+def _newest_records(path: Path) -> dict[str, tuple[int, int, int, int]]:
+    """``key -> (inode, offset, length, position flags)`` of each live key's newest SET
+    record, in replay order (the active segment's zero tail, allocated ahead of the records,
+    ends its scan)."""
+    out: dict[str, tuple[int, int, int, int]] = {}
     for seg in segment_paths(path):
         data = seg.read_bytes()
         try:
-            for off, op, key, n in record.scan(data, 1 << 30):
-                if op == record.OP_SET:
-                    out[key.decode()] = (seg.stat().st_ino, off, n)
+            for off, rec, key, n in record.scan(data, 1 << 30):
+                if rec.op == record.OP_SET:
+                    flags = (positions.EXPIRES if rec.deadline is not None else 0) | (
+                        positions.KEY_BYTES if rec.flags & record.F_KEY_BYTES else 0)
+                    out[key.decode()] = (seg.stat().st_ino, off, n, flags)
                 else:
                     out.pop(key.decode(), None)
         except record.CorruptRecord as exc:
@@ -1384,23 +1393,26 @@ def test_inlined_positions_equal_the_definition(tmp_path: Path) -> None:
     equal positions.pack of its record's descriptor, offset and length, and get must read
     it back: after set and set_many, after a compaction, and reopened from the hint files
     and from the log."""
-    values = {"narrow": "n" * 10, "wide": "w" * 70_000, "many-narrow": "m" * 20, "many-wide": "W" * 80_000}
+    values = {"narrow": "n" * 10, "wide": "w" * 70_000, "many-narrow": "m" * 20, "many-wide": "W" * 80_000,
+              "ttl-narrow": "t", "bytes-wide": b"B" * 70_000}
 
     def check(store: KvStore) -> None:
         newest = _newest_records(tmp_path)
         assert set(newest) == set(values)
-        for key, (inode, offset, length) in newest.items():
-            pos = store._position(key)
+        for key, (inode, offset, length, flags) in newest.items():
+            pos = store._position(key.encode() if key.startswith("bytes") else key)
             assert pos is not None
             fd = positions.unpack(pos)[0]
             assert os.fstat(fd).st_ino == inode, key
-            assert pos == positions.pack(fd, offset, length), key
-            assert (pos >= positions.NARROW_LIMIT) == ("wide" in key), key
+            assert pos == positions.pack(fd, offset, length, flags), key
+            assert (abs(pos) >= positions.NARROW_LIMIT) == ("wide" in key), key
             assert store.get(key) == values[key]
 
     with KvStore.open(tmp_path, background_compaction=False) as store:
         store.set("narrow", values["narrow"])
         store.set("wide", values["wide"])
+        store.set("ttl-narrow", values["ttl-narrow"], ttl=3600)
+        store.set(b"bytes-wide", values["bytes-wide"])
         store.set_many([("many-narrow", values["many-narrow"]), ("many-wide", values["many-wide"])])
         check(store)  # written by set and set_many
         store.compact()

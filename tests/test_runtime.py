@@ -14,7 +14,7 @@ import pytest
 # kvs itself, then every third-party package of the project (runtime, dev and bench).
 PROJECT_IMPORTS = [
     "kvs", "kvs.server", "kvs.client", "kvs.cli.server", "kvs.cli.client", "kvs.engine.sqlite",
-    "pytest", "pytest_timeout", "rich", "numpy", "matplotlib", "redis", "diskcache",
+    "pytest", "pytest_timeout", "hypothesis", "rich", "numpy", "matplotlib", "redis", "diskcache",
     "bench.common", "bench.plots",
 ]
 
@@ -51,7 +51,8 @@ def test_hot_shared_dict_reads_never_use_dict_get() -> None:
     from kvs.server.resp_session import RespSession
     from kvs.server.server import KvsServer
 
-    hot = [KvStore.get, resp._split_commands, resp._parse_commands, resp._strict_int,
+    hot = [KvStore.get, KvStore._get_slow, KvStore._read_current, KvStore.__contains__,
+           resp._split_commands, resp._parse_commands, resp._strict_int,
            resp.RespDecoder.parse_single, KvsServer._poll_connections, KvsServer._io_loop,
            Connection.claim, Connection.release, Connection._serve_turn, RespSession.handle,
            RespSession.execute, resp_commands.set_value]

@@ -17,9 +17,10 @@ import pytest
 
 import kvs.engine.sqlite as sqlite_engine
 from kvs.engine.base import KvsEngine
+from kvs.engine.clock import ManualClock
 from kvs.engine.sqlite import DB_FILE, SqliteKvsEngine
 from kvs.errors import KeyNotFoundError, KvsError
-from tests.helpers import wait_for
+from tests.helpers import run_threads, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -120,7 +121,7 @@ def test_reopen_persistence(tmp_path: Path) -> None:
             assert eng.get(f"key{i}") == f"value{i}"
     assert sorted(os.listdir(tmp_path)) == sorted(["LOCK", DB_FILE, "kvs-meta.json"])  # WAL merged, removed
     meta = json.loads((tmp_path / "kvs-meta.json").read_text())
-    assert meta == {"engine": "sqlite", "format": 1}
+    assert meta == {"engine": "sqlite", "format": 2}
 
 
 def test_close_is_idempotent_and_later_calls_raise(tmp_path: Path) -> None:
@@ -190,10 +191,344 @@ def test_wrong_engine_directory(tmp_path: Path) -> None:
         eng.set("a", "b")
 
 
+# ------------------------------------------------------------------------ v2 data model
+
+
+@pytest.fixture
+def clocked(tmp_path: Path) -> Iterator[tuple[SqliteKvsEngine, ManualClock]]:
+    clock = ManualClock()
+    engine = SqliteKvsEngine.open(tmp_path / "db", clock=clock, expire_sweep_interval=0)
+    yield engine, clock
+    engine.close()
+
+
+def test_bytes_and_text_round_trip_as_written(tmp_path: Path) -> None:
+    with SqliteKvsEngine.open(tmp_path) as eng:
+        eng.set(b"\x00\xff", b"\x00bin\xff")
+        eng.set("café", bytearray(b"ba"))
+        eng.set(b"t", "text")
+        assert eng.get("caf\xe9") == b"ba"
+        assert eng.get(b"caf\xc3\xa9") == b"ba"  # one key: a str means its UTF-8 bytes
+        assert sorted(eng, key=repr) == sorted([b"\x00\xff", "café", b"t"], key=repr)
+    with SqliteKvsEngine.open(tmp_path) as eng:
+        assert eng.get(b"\x00\xff") == b"\x00bin\xff"
+        assert eng.get("t") == "text" and isinstance(eng.get("t"), str)
+        assert dict(eng.items()) == {b"\x00\xff": b"\x00bin\xff", "café": b"ba", b"t": "text"}
+
+
+def test_missing_key_is_a_key_error(eng: SqliteKvsEngine) -> None:
+    with pytest.raises(KeyError):
+        eng.remove("nope")
+    with pytest.raises(KeyError):
+        eng["nope"]
+    with pytest.raises(KeyNotFoundError):
+        del eng["nope"]
+    eng["a"] = "1"
+    assert "a" in eng and eng["a"] == "1" and len(eng) == 1
+    del eng["a"]
+    assert "a" not in eng and len(eng) == 0
+
+
+def test_expiry_hides_keys_everywhere_and_purge_removes_them(clocked: tuple[SqliteKvsEngine, ManualClock]) -> None:
+    eng, clock = clocked
+    eng.set("a", "1", ttl=1.5)
+    eng.set("b", "2")
+    assert eng.expiry("a") == clock() + 1500
+    assert eng.ttl("a") == 1.5 and eng.ttl("b") is None
+    assert len(eng) == 2
+    clock.advance(1.5)
+    assert eng.get("a") is None and "a" not in eng and len(eng) == 1
+    assert eng.scan(0) == (0, ["b"])
+    with pytest.raises(KeyNotFoundError):
+        eng.ttl("a")
+    with pytest.raises(KeyNotFoundError):
+        eng.remove("a")
+    assert not eng.expire("a", 5)
+    eng.set("c", "3", ttl=1)
+    eng.set("d", "4", ttl=1)
+    clock.advance(1)
+    assert len(eng) == 1
+    assert eng.purge_expired() == 2
+    assert len(eng) == 1 and eng.purge_expired() == 0
+    assert eng.expire_at("b", clock() + 7) and eng.expiry("b") == clock() + 7
+    eng.update("b", lambda old: old + "!")  # update keeps the expiry
+    assert eng.expiry("b") == clock() + 7 and eng.get("b") == "2!"
+    eng.set("b", "x")  # set clears it
+    assert eng.expiry("b") is None
+    assert eng.expire_at("b", clock() - 1)  # a past deadline deletes
+    assert "b" not in eng and len(eng) == 0
+
+
+def test_expired_key_set_again_counts_once(clocked: tuple[SqliteKvsEngine, ManualClock]) -> None:
+    eng, clock = clocked
+    eng.set("k", "1", ttl=1)
+    clock.advance(2)
+    assert len(eng) == 0
+    eng.set("k", "2")
+    assert len(eng) == 1 and eng.get("k") == "2"
+    eng.set_many([("k", "3"), ("n", "4"), ("n", "5")])
+    assert len(eng) == 2 and eng.get("n") == "5"
+
+
+def test_background_sweep_deletes_expired_rows(tmp_path: Path) -> None:
+    clock = ManualClock()
+    with SqliteKvsEngine.open(tmp_path, clock=clock, expire_sweep_interval=0.01) as eng:
+        eng.set_many([(f"k{i}", "v") for i in range(1200)])
+        for i in range(1200):
+            eng.expire(f"k{i}", 1)
+        clock.advance(1)
+        with sqlite3.connect(tmp_path / DB_FILE) as peek:
+            wait_for(lambda: peek.execute("SELECT count(*) FROM kv").fetchone()[0] == 0, what="the sweep")
+        assert len(eng) == 0
+
+
+def test_scan_pages_match_and_cursor_checks(eng: SqliteKvsEngine) -> None:
+    for i in range(25):
+        eng.set(f"user:{i}", "v")
+    eng.set(b"other\xff", "v")
+    seen: list[object] = []
+    cursor, calls = 0, 0
+    while True:
+        cursor, keys = eng.scan(cursor, match="user:*", count=7)
+        assert len(keys) <= 7
+        seen += keys
+        calls += 1
+        if cursor == 0:
+            break
+    assert sorted(seen) == sorted(f"user:{i}" for i in range(25)) and calls >= 4
+    assert eng.scan(0, match=b"other\xff", count=100) == (0, [b"other\xff"])
+    assert eng.scan(2**64 - 1) == (0, [])
+    for bad_cursor in (-1, 2**64, 1.0, "0", True):
+        with pytest.raises(KvsError):
+            eng.scan(bad_cursor)  # type: ignore[arg-type]
+    for bad_count in (0, -3, 2.0):
+        with pytest.raises(KvsError):
+            eng.scan(0, count=bad_count)  # type: ignore[arg-type]
+    with pytest.raises(KvsError):
+        eng.scan(0, match="[abc")
+
+
+def test_scan_returns_every_stable_key_under_churn(eng: SqliteKvsEngine) -> None:
+    stable = {f"stable{i}" for i in range(300)}
+    eng.set_many([(k, "v") for k in stable])
+    stop = threading.Event()
+
+    def churn() -> None:
+        i = 0
+        while not stop.is_set():
+            eng.set(f"tmp{i}", "v")
+            if i >= 5:
+                eng.remove(f"tmp{i - 5}")
+            eng.set(f"stable{i % 300}", str(i))  # updates keep the scan position
+            i += 1
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        for _ in range(5):
+            assert stable <= set(eng)
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_clear_is_one_statement_durable_and_shrinks_the_file(tmp_path: Path) -> None:
+    with SqliteKvsEngine.open(tmp_path, fsync="always") as eng:
+        eng.set_many([(f"key{i}", "x" * 200) for i in range(5000)])
+        eng.set("t", "v", ttl=100)
+        eng.clear()
+        assert len(eng) == 0 and eng.get("key1") is None and list(eng) == []
+        eng.set("after", "1")
+        assert len(eng) == 1
+    size = (tmp_path / DB_FILE).stat().st_size
+    assert size < 100_000
+    with SqliteKvsEngine.open(tmp_path) as eng:
+        assert list(eng) == ["after"]
+
+
+def test_transaction_commits_all_or_nothing(eng: SqliteKvsEngine) -> None:
+    eng.set("a", "1")
+    with eng.transaction(["a", b"b"]) as tx:
+        tx["a"] = "2"
+        tx.set(b"b", b"x", ttl=60)
+        assert tx.get("a") == "2"
+        with pytest.raises(KvsError):
+            tx.get("undeclared")
+    assert eng.get("a") == "2" and eng.get("b") == b"x" and len(eng) == 2
+    with pytest.raises(RuntimeError):
+        with eng.transaction(["a", "c"]) as tx:
+            tx.remove("a")
+            tx.set("c", "3")
+            raise RuntimeError("boom")
+    assert eng.get("a") == "2" and eng.get("c") is None and len(eng) == 2
+    eng.set("n", "5")  # the next row still gets a fresh scan position
+    assert sorted(eng, key=repr) == sorted(["a", b"b", "n"], key=repr)
+
+
+def test_calls_back_into_the_store_are_refused(eng: SqliteKvsEngine) -> None:
+    with pytest.raises(KvsError, match="inside"):
+        eng.update("k", lambda old: eng.get("k"))
+    with eng.transaction(["k"]) as tx:
+        tx.set("k", "v")
+        for call in (lambda: eng.get("k"), lambda: eng.set("x", "y"), lambda: len(eng), lambda: eng.scan(0)):
+            with pytest.raises(KvsError, match="inside"):
+                call()
+    assert eng.get("k") == "v" and eng.get("x") is None
+    with pytest.raises(ZeroDivisionError):
+        eng.update("k", lambda old: 1 / 0)
+    with pytest.raises(TypeError):
+        eng.update("k", lambda old: 5)
+    assert eng.get("k") == "v"
+
+
+def test_update_increments_are_atomic(eng: SqliteKvsEngine) -> None:
+    def work() -> None:
+        for _ in range(200):
+            eng.update("n", lambda old: str(int(old or "0") + 1))
+
+    run_threads([work] * 8)
+    assert eng.get("n") == "1600"
+
+
+def test_readers_see_a_transaction_whole(eng: SqliteKvsEngine) -> None:
+    eng.set_many([("a", "0"), ("b", "0")])
+    stop = threading.Event()
+
+    def writer() -> None:
+        for n in range(1, 300):
+            with eng.transaction(["a", "b"]) as tx:
+                tx["a"] = str(n)
+                tx["b"] = str(n)
+        stop.set()
+
+    def reader() -> None:
+        while not stop.is_set():
+            a = int(eng["a"])
+            b = int(eng["b"])
+            assert b >= a
+
+    run_threads([writer, reader, reader])
+
+
+def test_bad_ttls_and_deadlines_store_nothing(eng: SqliteKvsEngine) -> None:
+    for bad in (0, -1, float("nan"), float("inf"), 1e300):
+        with pytest.raises(KvsError):
+            eng.set("k", "v", ttl=bad)
+    with pytest.raises(TypeError):
+        eng.set("k", "v", ttl="5")  # type: ignore[arg-type]
+    assert "k" not in eng
+    eng.set("k", "v")
+    with pytest.raises(KvsError):
+        eng.expire_at("k", -1)
+    with pytest.raises(TypeError):
+        eng.expire_at("k", 1.5)  # type: ignore[arg-type]
+    with pytest.raises(KvsError):
+        eng.expire("k", 0)
+    assert eng.expiry("k") is None
+
+
+# ------------------------------------------------------------------ upgrade from format 1
+
+
+def make_format1_dir(path: Path, items: dict[str, str]) -> None:
+    """A data directory as 0.1.0's SqliteKvsEngine wrote it (format 1)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "kvs-meta.json").write_text(json.dumps({"engine": "sqlite", "format": 1}) + "\n")
+    conn = sqlite3.connect(path / DB_FILE, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE IF NOT EXISTS kv (key BLOB PRIMARY KEY NOT NULL, value BLOB NOT NULL) WITHOUT ROWID")
+    conn.executemany("INSERT INTO kv (key, value) VALUES (?, ?)", [(k.encode(), v.encode()) for k, v in items.items()])
+    conn.close()
+
+
+FORMAT1_ITEMS = {f"key{i}": f"value{i} é" for i in range(300)} | {"nul\x00key": "nul\x00value"}
+
+
+def test_format1_directory_is_upgraded_and_keeps_its_data(tmp_path: Path) -> None:
+    make_format1_dir(tmp_path, FORMAT1_ITEMS)
+    with SqliteKvsEngine.open(tmp_path) as eng:
+        assert len(eng) == len(FORMAT1_ITEMS)
+        assert {k: eng[k] for k in eng} == FORMAT1_ITEMS
+        eng.set("new", b"bytes", ttl=100)
+        assert len(eng) == len(FORMAT1_ITEMS) + 1
+    assert json.loads((tmp_path / "kvs-meta.json").read_text())["format"] == 2
+    with SqliteKvsEngine.open(tmp_path) as eng:
+        assert eng.get("key7") == "value7 é" and eng.get("new") == b"bytes"
+        assert len(eng) == len(FORMAT1_ITEMS) + 1
+
+
+def test_format1_upgrade_is_one_transaction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_format1_dir(tmp_path, FORMAT1_ITEMS)
+    statements: list[str] = []
+    real_connect = sqlite3.connect
+
+    def traced(*args: object, **kwargs: object) -> sqlite3.Connection:
+        conn = real_connect(*args, **kwargs)  # type: ignore[call-overload]
+        conn.set_trace_callback(statements.append)
+        return conn  # type: ignore[no-any-return]
+
+    # A failure in the middle of the upgrade (after the new table exists) rolls it all back.
+    monkeypatch.setattr(sqlite_engine.sqlite3, "connect", traced)
+    monkeypatch.setattr(sqlite_engine, "_SQL_SCHEMA_V2", (*sqlite_engine._SQL_SCHEMA_V2, "CREATE TABLE kv (x)"))
+    with pytest.raises(KvsError):
+        SqliteKvsEngine.open(tmp_path)
+    upgrade = statements[statements.index("BEGIN IMMEDIATE"):]
+    assert any("RENAME" in s for s in upgrade) and upgrade[-1] == "ROLLBACK"
+    assert "COMMIT" not in upgrade
+    with real_connect(tmp_path / DB_FILE) as peek:
+        assert [r[1] for r in peek.execute("PRAGMA table_info(kv)")] == ["key", "value"]
+    assert json.loads((tmp_path / "kvs-meta.json").read_text())["format"] == 1
+    monkeypatch.undo()
+
+    statements.clear()
+    monkeypatch.setattr(sqlite_engine.sqlite3, "connect", traced)
+    with SqliteKvsEngine.open(tmp_path) as eng:
+        assert {k: eng[k] for k in eng} == FORMAT1_ITEMS
+    begin = statements.index("BEGIN IMMEDIATE")
+    commit = statements.index("COMMIT", begin)
+    body = statements[begin:commit]
+    assert any("RENAME" in s for s in body) and any("DROP TABLE kv_v1" in s for s in body)
+    assert any("INSERT INTO kv " in s and "FROM kv_v1" in s for s in body)
+
+
+def test_upgrade_committed_but_metadata_not_written_still_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_format1_dir(tmp_path, FORMAT1_ITEMS)
+
+    def crash(self: object, version: int) -> None:
+        raise KvsError("simulated crash before the metadata write")
+
+    monkeypatch.setattr(sqlite_engine.DataDir, "upgraded", crash)
+    with pytest.raises(KvsError, match="simulated"):
+        SqliteKvsEngine.open(tmp_path)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "kvs-meta.json").read_text())["format"] == 1
+    with SqliteKvsEngine.open(tmp_path) as eng:
+        assert {k: eng[k] for k in eng} == FORMAT1_ITEMS
+    assert json.loads((tmp_path / "kvs-meta.json").read_text())["format"] == 2
+
+
+def test_close_stops_the_engine_threads(tmp_path: Path) -> None:
+    before = set(threading.enumerate())
+    eng = SqliteKvsEngine.open(tmp_path, fsync="interval", fsync_interval=0.01, expire_sweep_interval=0.01)
+    eng.set("k", "v", ttl=0.001)
+    assert len(set(threading.enumerate()) - before) == 3  # keeper, flusher, sweeper
+    eng.close()
+    assert set(threading.enumerate()) - before == set()
+    with pytest.raises(KvsError, match="closed"):
+        eng.scan(0)
+    with pytest.raises(KvsError, match="closed"):
+        len(eng)
+    with pytest.raises(KvsError, match="closed"):
+        with eng.transaction(["k"]):
+            pass
+
+
 # --------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("bad", [None, 1, b"bytes", ["list"]])
+@pytest.mark.parametrize("bad", [None, 1, 1.5, ["list"]])
 def test_non_str_arguments_raise_type_error(eng: SqliteKvsEngine, bad: object) -> None:
     with pytest.raises(TypeError):
         eng.set(bad, "v")  # type: ignore[arg-type]

@@ -26,6 +26,13 @@ Happens-before
     input descriptor is closed (``readers.py`` has the argument). Readers are never
     blocked; a writer waits at most for one record's swap.
 
+Expired records and transactions
+    A record whose deadline has passed is not copied: its index entry is removed instead
+    (the same compare-and-set), so the key's space comes back. An index entry that a
+    transaction is publishing (a ``Pending``, ``kvstore.py``) is looked at again under its
+    stripe lock, which the transaction holds until its entries are final: a record that the
+    pending entry's readers may still read is never taken for dead while they can.
+
 Failure
     Any failure raises ``KvsError`` and loses no record: each one is still in an input or
     an output segment (outputs stay in use: index entries may point into them), and the
@@ -44,8 +51,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kvs.engine import hints, positions, record, segments
+from kvs.engine.clock import Clock
 from kvs.engine.datadir import fsync_dir
-from kvs.engine.positions import MAX_RECORD_LENGTH
+from kvs.engine.positions import EXPIRES, KEY_BYTES, MAX_RECORD_LENGTH
 from kvs.engine.readers import ReaderRegistry
 from kvs.engine.segment_log import LIVE, TOTAL, Segment, mapped
 from kvs.errors import KvsError
@@ -67,6 +75,8 @@ class Compaction:
     _mask: int
     _max_segment: int
     _stripes: list[dict[str, int]]
+    _expires: list[dict[str, int]]
+    _clock: Clock
     _stripe_locks: list[threading.Lock]
     _segments: dict[int, Segment]
     _by_fd: dict[int, Segment]
@@ -207,27 +217,48 @@ class Compaction:
 
     def _copy_live_records(self, seg: Segment, out: CompactionOutput) -> None:
         """Copy the records of ``seg`` that the index still points to, swapping each entry
-        (compare-and-set under the entry's stripe lock: a writer may have won). The new
-        position is a fresh object of this thread, marked shared before the swap publishes
-        it. ``dict.get`` is fine here: this is not the readers' path."""
+        (compare-and-set under the entry's stripe lock: a writer may have won); drop the
+        expired ones from the index instead (module docstring). The new position is a fresh
+        object of this thread, marked shared before the swap publishes it. ``dict.get`` is
+        fine here: this is not the readers' path."""
         fd = seg.fd
         mask = self._mask
         stripes = self._stripes
         pack = positions.pack
+        now = self._clock()
+        expired_bytes = 0
         with mapped(seg) as data, contextlib.closing(record.scan(data, MAX_RECORD_LENGTH)) as records:
-            for offset, op, key_bytes, length in records:
-                if op != record.OP_SET:
+            for offset, rec, key_bytes, length in records:
+                if rec.op != record.OP_SET:
                     continue
-                key = key_bytes.decode()
-                old = pack(fd, offset, length)
+                key = key_bytes.decode("utf-8", "surrogateescape")
+                flags = KEY_BYTES if rec.flags & record.F_KEY_BYTES else 0
+                if rec.deadline is not None:
+                    flags |= EXPIRES
+                old = pack(fd, offset, length, flags)
                 i = hash(key) & mask
-                if stripes[i].get(key) != old:
-                    continue  # overwritten or removed since: dead
-                new = out.add(data[offset:offset + length], key_bytes)
+                current = stripes[i].get(key)
+                if current != old:
+                    if current is None or type(current) is int:
+                        continue  # overwritten or removed since: dead
+                    with self._stripe_locks[i]:  # a transaction is publishing it: wait for it
+                        if stripes[i].get(key) != old:
+                            continue
+                if rec.deadline is not None and rec.deadline <= now:
+                    with self._stripe_locks[i]:
+                        if stripes[i].get(key) == old:
+                            del stripes[i][key]
+                            self._expires[i].pop(key, None)
+                            expired_bytes += length
+                    continue
+                new = out.add(data[offset:offset + length], key_bytes, flags, rec.deadline)
                 mark_shared(new)
                 with self._stripe_locks[i]:
                     if stripes[i].get(key) == old:
                         stripes[i][key] = new
+        if expired_bytes:
+            with self._append_lock:
+                self._sizes[LIVE] -= expired_bytes
 
 
 class CompactionOutput:
@@ -253,8 +284,9 @@ class CompactionOutput:
         self._hints.append([])
         return seg
 
-    def add(self, rec: bytes, key: bytes) -> int:
-        """Append one record; its new packed position (readable at once through the fd)."""
+    def add(self, rec: bytes, key: bytes, flags: int, deadline: int | None) -> int:
+        """Append one record; its new packed position (readable at once through the fd),
+        with the position ``flags`` of its key."""
         seg = self._current
         if seg is None or seg.size >= self.max_segment_bytes:
             seg = self._current = self._next_segment()
@@ -263,8 +295,8 @@ class CompactionOutput:
         while view:
             view = view[os.pwrite(seg.fd, view, offset + len(rec) - len(view)):]
         seg.size = offset + len(rec)
-        self._hints[-1].append(hints.encode_entry(key, offset, len(rec)))
-        return positions.pack(seg.fd, offset, len(rec))
+        self._hints[-1].append(hints.encode_entry(key, offset, len(rec), flags, deadline))
+        return positions.pack(seg.fd, offset, len(rec), flags)
 
     def finish(self) -> None:
         """Make every output and hint file durable and give them their final names."""

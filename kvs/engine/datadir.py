@@ -58,11 +58,15 @@ def fsync_dir(path: Path) -> None:
 class DataDir:
     """An open, locked data directory of one engine.
 
-    ``DataDir(path, engine, format_version)`` creates the directory if needed, takes the lock,
-    then checks (or, for a fresh directory, writes) the metadata. ``close()`` releases the lock.
+    ``DataDir(path, engine, format_version, upgradable_from)`` creates the directory if needed,
+    takes the lock, then checks (or, for a fresh directory, writes) the metadata: a directory
+    of ``format_version`` or of a version in ``upgradable_from`` opens (``format_version``
+    then says which it holds, until the engine calls :meth:`upgraded`), anything else is
+    refused. ``close()`` releases the lock.
     """
 
-    def __init__(self, path: str | os.PathLike[str], engine: str, format_version: int) -> None:
+    def __init__(self, path: str | os.PathLike[str], engine: str, format_version: int,
+                 upgradable_from: tuple[int, ...] = ()) -> None:
         self.path = Path(path)
         self.engine = engine
         try:
@@ -84,26 +88,15 @@ class DataDir:
                 raise KvsError(f"data directory {self.path} is already open (by this or another process)") from None
             raise KvsError(f"cannot lock data directory {self.path}: {exc.strerror}") from None
         try:
-            self._check_or_write_meta(format_version)
+            self._check_or_write_meta(format_version, upgradable_from)
         except BaseException:
             self.close()
             raise
 
-    def _check_or_write_meta(self, format_version: int) -> None:
+    def _check_or_write_meta(self, format_version: int, upgradable_from: tuple[int, ...]) -> None:
         meta = _read_meta(self.path)
         if meta is None:
-            tmp = self.path / (META_FILE + ".tmp")
-            try:
-                with open(tmp, "w", encoding="utf-8") as f:
-                    json.dump({"engine": self.engine, "format": format_version}, f)
-                    f.write("\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path / META_FILE)
-                fsync_dir(self.path)
-            except OSError as exc:
-                raise KvsError(f"cannot write to data directory {self.path}: {exc.strerror}") from None
-            self.format_version = format_version
+            self._write_meta(format_version)
             return
         if meta["engine"] != self.engine:
             raise KvsError(
@@ -111,12 +104,35 @@ class DataDir:
                 f"cannot open it with engine '{self.engine}'"
             )
         found = meta.get("format")
-        if found != format_version:
+        if found != format_version and found not in upgradable_from:
             raise KvsError(
                 f"data directory {self.path} has {self.engine} format version {found}, "
                 f"this kvs reads version {format_version}"
             )
+        self.format_version = found if isinstance(found, int) else format_version
+
+    def _write_meta(self, format_version: int) -> None:
+        """Write ``kvs-meta.json`` atomically (temporary file, fsync, rename, fsync the
+        directory): a crash leaves the old file or the new one, never a mix."""
+        tmp = self.path / (META_FILE + ".tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"engine": self.engine, "format": format_version}, f)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path / META_FILE)
+            fsync_dir(self.path)
+        except OSError as exc:
+            raise KvsError(f"cannot write to data directory {self.path}: {exc.strerror}") from None
         self.format_version = format_version
+
+    def upgraded(self, format_version: int) -> None:
+        """Record that the directory now holds format ``format_version`` (an engine that
+        opened it at an older version in ``upgradable_from`` calls this once it is safe: from
+        then on older kvs versions refuse the directory)."""
+        if format_version != self.format_version:
+            self._write_meta(format_version)
 
     def close(self) -> None:
         """Release the lock; idempotent."""

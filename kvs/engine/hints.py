@@ -1,12 +1,15 @@
 """Hint files: the key directory of one compaction output, without the values.
 
-Format version 1 (docs/storage-format.md)::
+Format version 2 (docs/storage-format.md, section 3)::
 
-    magic    8 bytes  b"KVSHINT1"
-    entries  repeated: klen u32, offset u64, length u32, key (klen bytes, UTF-8)
+    magic    8 bytes  b"KVSHINT2"
+    entries  repeated: klen u32, offset u64, length u32, flags u8, deadline u64, key (klen bytes)
     trailer  count u64, crc32 u32 of every byte before the crc field
 
-Each entry names a SET record of the segment: its key, its offset and its total length. A
+Each entry names a SET record of the segment: its key, its offset, its total length, the
+position flags of the key (``positions.EXPIRES``, ``positions.KEY_BYTES``) and, with
+``EXPIRES``, its deadline (Unix ms; 0 otherwise). Version 1 files (magic ``b"KVSHINT1"``,
+entries without flags and deadline) written by kvs 0.1.0 are still read. A
 compaction output holds one record per key and no tombstones, so the entries' order does not
 matter. A hint file that fails any check is ignored (with a warning) and the segment is
 replayed from its log instead; hints are an accelerator, never the only copy of anything.
@@ -20,8 +23,10 @@ import struct
 import zlib
 from collections.abc import Iterator
 
-MAGIC = b"KVSHINT1"
-ENTRY = struct.Struct("<IQI")
+MAGIC = b"KVSHINT2"
+ENTRY = struct.Struct("<IQIBQ")
+V1_MAGIC = b"KVSHINT1"
+V1_ENTRY = struct.Struct("<IQI")
 TRAILER = struct.Struct("<QI")
 
 
@@ -29,8 +34,8 @@ class BadHintFile(Exception):
     """The hint file is damaged or does not match its segment."""
 
 
-def encode_entry(key: bytes, offset: int, length: int) -> bytes:
-    return ENTRY.pack(len(key), offset, length) + key
+def encode_entry(key: bytes, offset: int, length: int, flags: int, deadline: int | None) -> bytes:
+    return ENTRY.pack(len(key), offset, length, flags, deadline or 0) + key
 
 
 def write_hint_file(path: str, entries: list[bytes], count: int) -> None:
@@ -48,8 +53,9 @@ def write_hint_file(path: str, entries: list[bytes], count: int) -> None:
         os.close(fd)
 
 
-def read_hint_file(path: str, segment_size: int) -> Iterator[tuple[bytes, int, int]]:
-    """An iterator of ``(key, offset, length)`` over every entry, after checking the whole file.
+def read_hint_file(path: str, segment_size: int) -> Iterator[tuple[bytes, int, int, int, int]]:
+    """An iterator of ``(key, offset, length, flags, deadline)`` over every entry, after
+    checking the whole file (version 1 entries: flags and deadline 0).
 
     Raises :class:`BadHintFile` when the magic, the checksum, the entry count or any entry's
     bounds (against ``segment_size``, the size of the segment's log) are wrong. Every check
@@ -67,15 +73,21 @@ def read_hint_file(path: str, segment_size: int) -> Iterator[tuple[bytes, int, i
     except OSError as exc:
         raise BadHintFile(f"cannot read: {exc.strerror}") from None
     try:
-        _check(data, segment_size)
+        entry = _check(data, segment_size)
     except BaseException:
         data.close()
         raise
-    return _entries(data, len(data) - TRAILER.size)
+    return _entries(data, len(data) - TRAILER.size, entry)
 
 
-def _check(data: mmap.mmap, segment_size: int) -> None:
-    if data[:len(MAGIC)] != MAGIC:
+def _check(data: mmap.mmap, segment_size: int) -> struct.Struct:
+    """Check the whole file; the entry layout of its version."""
+    magic = data[:len(MAGIC)]
+    if magic == MAGIC:
+        entry = ENTRY
+    elif magic == V1_MAGIC:
+        entry = V1_ENTRY
+    else:
         raise BadHintFile("bad magic or too short")
     body_end = len(data) - 4
     with memoryview(data) as whole, whole[:body_end] as body:
@@ -86,12 +98,12 @@ def _check(data: mmap.mmap, segment_size: int) -> None:
     end = len(data) - TRAILER.size
     pos = len(MAGIC)
     found = 0
-    unpack = ENTRY.unpack_from
-    esize = ENTRY.size
+    unpack = entry.unpack_from
+    esize = entry.size
     while pos < end:
         if end - pos < esize:
             raise BadHintFile("truncated entry")
-        klen, offset, length = unpack(data, pos)
+        klen, offset, length = unpack(data, pos)[:3]
         pos += esize
         if pos + klen > end or offset + length > segment_size:
             raise BadHintFile("entry out of bounds")
@@ -99,19 +111,27 @@ def _check(data: mmap.mmap, segment_size: int) -> None:
         found += 1
     if found != count:
         raise BadHintFile("entry count mismatch")
+    return entry
 
 
-def _entries(data: mmap.mmap, end: int) -> Iterator[tuple[bytes, int, int]]:
+def _entries(data: mmap.mmap, end: int, entry: struct.Struct) -> Iterator[tuple[bytes, int, int, int, int]]:
     """The entries of a checked hint file body ``data[len(MAGIC):end]``; unmaps ``data``
     when done."""
     try:
         pos = len(MAGIC)
-        unpack = ENTRY.unpack_from
-        esize = ENTRY.size
+        unpack = entry.unpack_from
+        esize = entry.size
+        if entry is V1_ENTRY:
+            while pos < end:
+                klen, offset, length = unpack(data, pos)
+                pos += esize
+                yield data[pos : pos + klen], offset, length, 0, 0
+                pos += klen
+            return
         while pos < end:
-            klen, offset, length = unpack(data, pos)
+            klen, offset, length, flags, deadline = unpack(data, pos)
             pos += esize
-            yield data[pos : pos + klen], offset, length
+            yield data[pos : pos + klen], offset, length, flags, deadline
             pos += klen
     finally:
         data.close()

@@ -32,6 +32,15 @@ Readers (here and ``readers.py``)
     happens-before argument). A value cache per stripe (``_caches``) holds decoded small
     values; an entry counts only while its position object is the one in the index.
 
+Transactions (``transactions.py``), expiry (``expiry.py``), scan (``scanning.py``)
+    A transaction's records go to the log in one TXN record (all or nothing after a crash)
+    and become visible to lock-free readers at once through ``Pending`` index entries and
+    one commit flag (``transactions.py`` has the happens-before argument). Deadlines live in
+    the records, in ``_expires`` (per stripe) and in per-stripe heaps that the background
+    sweep and ``len`` use; a position with the ``EXPIRES`` flag sends ``get`` down its slow
+    path, which reads the deadline from the record itself. ``scan`` walks the stripes in
+    hash order (``scanning.py``).
+
 Compaction (``compaction.py``)
     A background thread merges sealed segments into new ones holding only live records,
     swapping each index entry with a compare-and-set under its stripe lock. Readers are
@@ -60,19 +69,26 @@ import logging
 import os
 import threading
 import zlib
-from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-from kvs.engine import positions, record
+from kvs.engine import positions, record, segments
 from kvs.engine.base import FsyncPolicy, check_fsync_policy
+from kvs.engine.callbacks import CallbackGuard
+from kvs.engine.clock import Clock, wall_clock_ms
 from kvs.engine.compaction import Compaction
-from kvs.engine.datadir import DataDir
+from kvs.engine.datadir import DataDir, fsync_dir
 from kvs.engine.durability import Durability
+from kvs.engine.expiry import Expiry
+from kvs.engine.mapping import EngineMapping
 from kvs.engine.readers import ReaderRegistry
-from kvs.engine.record import FORMAT_VERSION
+from kvs.engine.record import FORMAT_VERSION, READABLE_VERSIONS
 from kvs.engine.recovery import Recovery
+from kvs.engine.scanning import Scanning
 from kvs.engine.segment_log import LIVE, TOTAL, SegmentLog
+from kvs.engine.transactions import Pending, Transactions
+from kvs.engine.values import index_key, key_bytes, ttl_deadline, value_bytes
 from kvs.errors import KeyNotFoundError, KvsError
 from kvs.freethreading import (
     SHARED_COUNT_OFFSET,
@@ -82,7 +98,7 @@ from kvs.freethreading import (
     mark_shared_str,
     share_module_globals,
 )
-from kvs.limits import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES, check_str, encode_text
+from kvs.limits import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES
 
 __all__ = ["KvStore"]
 
@@ -92,10 +108,13 @@ log = logging.getLogger("kvs.engine.kvstore")  # the engine's one logger, whatev
 _HEADER_SIZE = record.HEADER_SIZE
 _HEADER_UNPACK = record.HEADER.unpack_from
 _OP_SET = record.OP_SET
+_F_VALUE_BYTES = record.F_VALUE_BYTES
 _CRC_RESIDUE = record.CRC_RESIDUE
+_encode_text_set = record.encode_text_set
 _encode_set = record.encode_set
 _encode_tombstone = record.encode_tombstone
 _pack = positions.pack
+_unpack = positions.unpack
 _length = positions.length
 _NARROW_LIMIT = positions.NARROW_LIMIT
 _WIDE_FD_SHIFT = positions.WIDE_FD_SHIFT
@@ -103,6 +122,8 @@ _WIDE_FD_MASK = positions.WIDE_FD_MASK
 _WIDE_OFFSET_SHIFT = positions.WIDE_OFFSET_SHIFT
 _WIDE_OFFSET_MASK = positions.WIDE_OFFSET_MASK
 _WIDE_LENGTH_MASK = positions.WIDE_LENGTH_MASK
+_KEY_BYTES = positions.KEY_BYTES
+_flags = positions.flags
 _crc32 = zlib.crc32
 _pread = os.pread
 """``os.pread`` as ``get`` calls it (a test replaces it to pause reads between lookup and
@@ -114,7 +135,7 @@ class _ClosedShards:
 
     __slots__ = ()
 
-    def __getitem__(self, _index: int) -> tuple[dict[str, int], dict[str, tuple[int, str]]]:
+    def __getitem__(self, _index: int) -> tuple[dict[str, int], dict[str, tuple[int, str | bytes]]]:
         raise KvsError("the store is closed")
 
 
@@ -122,8 +143,11 @@ CLOSED_SHARDS = _ClosedShards()
 """``KvStore._shards`` of a store that is not open (module docstring: one state)."""
 
 
-class KvStore(SegmentLog, Durability, Recovery, Compaction):
-    """The log-structured key/value engine. Open with :meth:`KvStore.open`."""
+# The ignore: update(key, fn) is the engines' atomic read-modify-write, not
+# MutableMapping.update (kvs.engine.mapping says why).
+class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions, Scanning, EngineMapping):  # type: ignore[misc]
+    """The log-structured key/value engine. Open with :meth:`KvStore.open`. Implements the
+    whole ``KvsEngine`` interface (``kvs.engine.base``), mapping protocol included."""
 
     name = "kvs"
 
@@ -144,6 +168,8 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction):
         background_compaction: bool = True,
         cache_entries: int = 131072,
         cache_value_bytes: int = 1024,
+        clock: Clock = wall_clock_ms,
+        expire_sweep_interval: float = 0.1,
     ) -> KvStore:
         """Open (creating if needed) the store in directory ``path`` and replay its log.
 
@@ -153,6 +179,10 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction):
         power of two). ``background_compaction=False`` leaves compaction to :meth:`compact`.
         ``cache_entries``: how many decoded values of up to ``cache_value_bytes`` bytes ``get``
         keeps in memory (spread over the stripes, oldest evicted first; 0 disables it).
+        ``clock``: the time of expiry (``kvs.engine.clock``); ``expire_sweep_interval``:
+        seconds between the background sweeps of expired keys (0: no sweep thread; expired
+        keys are invisible either way). A directory of format 1 (kvs 0.1.0) is read as it
+        is, and marked as format 2 before anything is written (``docs/storage-format.md``).
         Raises ``KvsError`` for a bad option, a directory in use or of another engine, and
         for corruption that is not a torn tail."""
         fsync = check_fsync_policy(fsync)
@@ -170,14 +200,24 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction):
             raise KvsError("max_key_bytes + max_value_bytes must stay under 1 GiB")
         if cache_entries < 0 or cache_value_bytes < 0:
             raise KvsError("cache_entries and cache_value_bytes must be >= 0")
+        if not callable(clock):
+            raise KvsError("clock must be a function returning Unix milliseconds")
+        if not expire_sweep_interval >= 0:
+            raise KvsError("expire_sweep_interval must be >= 0 seconds")
         store = cls.__new__(cls)
         store._init(Path(path), stripes, max_key_bytes, max_value_bytes,
                     -(-cache_entries // stripes), cache_value_bytes)  # ceiling: 0 stays 0
         store._init_log(max_segment_bytes)
         store._init_durability(fsync, fsync_interval)
         store._init_compaction(compaction_threshold, compaction_ratio)
+        store._init_expiry(clock, expire_sweep_interval)
+        store._init_transactions()
+        store._init_scanning()
         try:
-            store._dir = DataDir(store.path, store.name, FORMAT_VERSION)
+            store._dir = DataDir(store.path, store.name, FORMAT_VERSION, READABLE_VERSIONS)
+            # Format 1 is read as it is; marking the directory as 2 first means 0.1.0 refuses
+            # it from now on, before any version-2 record exists.
+            store._dir.upgraded(FORMAT_VERSION)
             store._recover()
             store._publish_open()
             store._publish_for_readers()
@@ -205,12 +245,14 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction):
         # position object is the one in the index (see get); readers fill it lock-free.
         self._cache_per_stripe = cache_per_stripe
         self._cache_value_bytes = cache_value_bytes
-        self._caches: list[dict[str, tuple[int, str]]] = [{} for _ in range(stripes)]
+        self._caches: list[dict[str, tuple[int, str | bytes]]] = [{} for _ in range(stripes)]
         for cache in self._caches:
             mark_shared(cache)
         mark_shared(self._caches)
         # What get reads: (index stripe, cache) pairs, one load from self for both.
-        self._shards: list[tuple[dict[str, int], dict[str, tuple[int, str]]]] | _ClosedShards = CLOSED_SHARDS
+        self._shards: list[tuple[dict[str, int], dict[str, tuple[int, str | bytes]]]] | _ClosedShards = CLOSED_SHARDS
+        self._guard = CallbackGuard()
+        self._callers = self._guard.inside  # get tests its emptiness (callbacks.py)
         self._readers = ReaderRegistry()
         self._reader_local = self._readers.local
         mark_shared(self._reader_local)
@@ -249,6 +291,8 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction):
         self._cache_value_bytes = fresh_shared_int(self._cache_value_bytes)
         self._prefault_bytes = fresh_shared_int(self._prefault_bytes)
         mark_shared(self._readers)
+        mark_shared(self._guard)
+        mark_shared(self._clock)
         mark_shared(self)
 
     def _start_background(self, compaction: bool) -> None:
@@ -258,6 +302,10 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction):
             t.start()
         if self._fsync == "interval":
             t = threading.Thread(target=self._interval_syncer, name=f"kvs-fsync[{self.path.name}]", daemon=True)
+            self._threads.append(t)
+            t.start()
+        if self._sweep_interval > 0:
+            t = threading.Thread(target=self._sweeper, name=f"kvs-expire[{self.path.name}]", daemon=True)
             self._threads.append(t)
             t.start()
         self._maybe_want_compaction()
@@ -273,32 +321,52 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction):
             self._dir = None
 
     # ------------------------------------------------------------------ public API
-    def get(self, key: str) -> str | None:
-        """The value of ``key``, or ``None``. Takes no lock (see the module docstring).
+    def get(self, key: object, default: object = None) -> Any:
+        """The value of ``key`` as the type it was written with, or ``default`` (None) when
+        the key is absent or expired. Takes no lock (see the module docstring).
 
         The index and the cache are read by subscript, never with ``dict.get``: on 3.13t
         ``dict.get`` runs inside the dict's critical section (it locks the dict's mutex),
-        while ``d[key]`` is the lock-free lookup (``docs/free-threading.md``, section 2b)."""
-        if type(key) is not str:
-            key = check_str(key, "key")
-        stripe, cache = self._shards[hash(key) & self._mask]  # raises if the store is closed
+        while ``d[key]`` is the lock-free lookup (``docs/free-threading.md``, section 2b).
+        A negative position (the ``EXPIRES`` flag: a deadline, or a transaction's
+        ``Pending`` entry) takes :meth:`_get_slow`."""
+        if type(key) is str:
+            ikey = key
+            kb = None
+        else:
+            if type(key) is bytes and len(key) <= self._max_key:  # the RESP server's keys
+                kb = key
+            else:
+                kb = key_bytes(key, self._max_key)[0]
+            ikey = kb.decode("utf-8", "surrogateescape")
+        if self._callers:
+            self._guard.check()
+        stripe, cache = self._shards[hash(ikey) & self._mask]  # raises if the store is closed
         try:
-            pos = stripe[key]
+            pos = stripe[ikey]
         except KeyError:
             # A key that cannot exist may still be a caller's error; an ASCII key (str.isascii
             # is a flag check) is valid whenever it is short enough, the common miss.
-            if not key.isascii() or len(key) > self._max_key:
-                self._check_key(key)
-            return None
+            if kb is None and (not ikey.isascii() or len(ikey) > self._max_key):
+                key_bytes(key, self._max_key)
+            return default
+        if pos < 0:  # positions.EXPIRES (or a transaction's Pending)
+            return self._get_slow(ikey, kb, stripe, default)
         try:
-            hit = cache[key]
+            hit = cache[ikey]
         except KeyError:
             hit = None
         if hit is not None and hit[0] is pos:
             # The cached value belongs to exactly the record the index points to now: the
-            # tuple holds that position object, so it cannot be a recycled identity.
+            # tuple holds that position object, so it cannot be a recycled identity. (A str
+            # argument with a lone surrogate never hits: _cache_put keeps only keys that
+            # are valid UTF-8.)
             return hit[1]
-        kb = key.encode()  # the key is in the index, so it is valid UTF-8 within limits
+        if kb is None:
+            try:
+                kb = ikey.encode()
+            except UnicodeEncodeError:  # a lone surrogate: the index key of bytes, not text
+                kb = key_bytes(key, self._max_key)[0]  # raises the proper KvsError
         try:
             slot = self._reader_local.slot
         except AttributeError:
@@ -309,38 +377,105 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction):
             # Look again after announcing the read: only a position loaded inside the
             # announced section is protected from its segment being closed (readers.py).
             try:
-                pos = stripe[key]
+                pos = stripe[ikey]
             except KeyError:
-                return None
+                return default
+            if pos < 0:
+                return self._get_slow(ikey, kb, stripe, default)
             # positions.unpack, inlined (tests/test_kvstore.py checks it against unpack).
             if pos < _NARROW_LIMIT:
-                length = pos & 0xFFFF
-                data = _pread(pos >> 48, length, (pos >> 16) & 0xFFFFFFFF)
+                length = (pos >> 2) & 0xFFFF
+                data = _pread(pos >> 48, length, (pos >> 18) & 0x3FFFFFFF)
             else:
-                length = pos & _WIDE_LENGTH_MASK
+                length = (pos >> 2) & _WIDE_LENGTH_MASK
                 data = _pread((pos >> _WIDE_FD_SHIFT) & _WIDE_FD_MASK, length,
                               (pos >> _WIDE_OFFSET_SHIFT) & _WIDE_OFFSET_MASK)
         except OSError as exc:
             raise KvsError(f"cannot read {self.path}: {exc.strerror}") from None
         finally:
             slot[0] = (state + 1) & 255
-        op, klen, vlen = _HEADER_UNPACK(data)
-        if (_crc32(data) != _CRC_RESIDUE or len(data) != length or op != _OP_SET
+        op, flags, klen, vlen = _HEADER_UNPACK(data)
+        if op != _OP_SET:  # a version-1 record (format 1 directories), or damage
+            return self._decode(data, length, kb)[0]
+        if (_crc32(data) != _CRC_RESIDUE or len(data) != length
                 or klen != len(kb) or not data.startswith(kb, _HEADER_SIZE)):
             raise KvsError(f"data corruption in {self.path}: the record of key {key!r} fails its checks")
         start = _HEADER_SIZE + klen
-        value = data[start:start + vlen].decode()
+        if flags & _F_VALUE_BYTES:
+            value: str | bytes = data[start:start + vlen]
+        else:
+            value = data[start:start + vlen].decode()
         if vlen <= self._cache_value_bytes:
             self._cache_put(cache, kb, pos, value)
         return value
 
-    def _cache_put(self, cache: dict[str, tuple[int, str]], kb: bytes, pos: int, value: str) -> None:
-        """Remember ``value`` as the value of the record at ``pos``. Lock-free: concurrent
-        puts and evictions may race; any entry is only ever used when its position is the
-        one the index holds, so a lost or stale entry costs a re-read, never a wrong value.
-        The key, the value and the tuple are new objects of this thread, marked shared
-        before the dict store publishes them (``mark_shared`` and ``str_needs_mark``
-        inlined, as in ``set``)."""
+    def _get_slow(self, ikey: str, kb: bytes | None, stripe: dict[str, int], default: object) -> Any:
+        """``get`` of a key whose position has the ``EXPIRES`` flag: resolve a transaction's
+        ``Pending`` entry (``transactions.py``), then read the record and check its own
+        deadline against the clock. Not cached."""
+        if kb is None:
+            kb = key_bytes(ikey, self._max_key)[0]  # a str argument: must be valid text
+        found = self._read_current(ikey, kb, stripe)
+        if found is None:
+            return default
+        value, deadline = found
+        if deadline is not None and deadline <= self._clock():
+            return default
+        return value
+
+    def _read_current(self, ikey: str, kb: bytes, stripe: dict[str, int]) -> tuple[str | bytes, int | None] | None:
+        """``(value, deadline)`` of the record the index holds for ``ikey`` now (a pending
+        transaction's entry resolved), expired or not; None when absent. Lock-free, announced
+        as a read (readers.py)."""
+        try:
+            slot = self._reader_local.slot
+        except AttributeError:
+            slot = self._readers.register()
+        state = slot[0] + 1
+        slot[0] = state
+        try:
+            try:
+                entry = stripe[ikey]
+            except KeyError:
+                return None
+            pos = entry.resolve() if type(entry) is Pending else entry
+            if pos is None:
+                return None
+            fd, offset, length = _unpack(pos)
+            data = _pread(fd, length, offset)
+        except OSError as exc:
+            raise KvsError(f"cannot read {self.path}: {exc.strerror}") from None
+        finally:
+            slot[0] = (state + 1) & 255
+        return self._decode(data, length, kb)
+
+    def _decode(self, data: bytes, length: int, kb: bytes) -> tuple[str | bytes, int | None]:
+        """``(value, deadline)`` of the SET record ``data`` of key ``kb`` (either format
+        version), checked; ``KvsError`` for a record that fails any check."""
+        try:
+            parsed, n = record.parse(data, 0, len(data), positions.MAX_RECORD_LENGTH)
+        except record.CorruptRecord as exc:
+            raise KvsError(f"data corruption in {self.path}: a record of key {kb!r} fails its checks "
+                           f"({exc.reason})") from None
+        start = parsed.key_start
+        if (parsed.op != record.OP_SET or n != length or len(data) != length
+                or data[start:start + parsed.klen] != kb):
+            raise KvsError(f"data corruption in {self.path}: the record of key {kb!r} fails its checks")
+        raw = data[start + parsed.klen:start + parsed.klen + parsed.vlen]
+        return (raw if parsed.flags & _F_VALUE_BYTES else raw.decode()), parsed.deadline
+
+    def _cache_put(self, cache: dict[str, tuple[int, str | bytes]], kb: bytes, pos: int, value: str | bytes) -> None:
+        """Remember ``value`` as the value of the record at ``pos`` of the key ``kb``.
+        Lock-free: concurrent puts and evictions may race; any entry is only ever used when
+        its position is the one the index holds, so a lost or stale entry costs a re-read,
+        never a wrong value. Only keys that are valid UTF-8 are kept (so that a cache hit
+        needs no check of a ``str`` argument, ``get``). The key, the value and the tuple are
+        new objects of this thread, marked shared before the dict store publishes them
+        (``mark_shared`` and ``str_needs_mark`` inlined, as in ``set``)."""
+        try:
+            key = kb.decode()
+        except UnicodeDecodeError:
+            return
         if len(cache) >= self._cache_per_stripe:
             if self._cache_per_stripe == 0:
                 return
@@ -348,128 +483,118 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction):
                 del cache[next(iter(cache))]  # the oldest entry (dicts keep insertion order)
             except (StopIteration, RuntimeError, KeyError):
                 pass  # raced with another eviction or insertion: fine
-        key = kb.decode()
         entry = (pos, value)
         counts = SHARED_COUNTS
         if counts is not None:
             offset = SHARED_COUNT_OFFSET
             if len(key) > 1 or (len(key) == 1 and ord(key) > 0xFF):
                 counts[(id(key) + offset) >> 3] = 1
-            if len(value) > 1 or (len(value) == 1 and ord(value) > 0xFF):
+            if len(value) > 1 or (type(value) is str and len(value) == 1 and ord(value) > 0xFF):
                 counts[(id(value) + offset) >> 3] = 1
             counts[(id(entry) + offset) >> 3] = 1
         cache[key] = entry
 
-    def _check_key(self, key: str) -> None:
-        try:
-            n = len(key.encode())
-        except UnicodeEncodeError:
-            n = -1
-        if n < 0 or n > self._max_key:
-            encode_text(key, "key", self._max_key)  # raises the proper KvsError
-
-    def set(self, key: str, value: str) -> None:
-        """Store ``value`` under ``key``. Returns once the write is acknowledged (``fsync``)."""
-        rec = _encode_set(key, value, self._max_key, self._max_value)
+    def set(self, key: object, value: object, *, ttl: float | None = None) -> None:
+        """Store ``value`` under ``key`` (clearing any expiry; with ``ttl``, the key expires
+        that many seconds from now). Returns once the write is acknowledged (``fsync``)."""
+        if self._callers:
+            self._guard.check()
+        if (ttl is None and type(key) is str and type(value) is str
+                and (rec := _encode_text_set(key, value, self._max_key, self._max_value)) is not None):
+            ikey: str = key
+            pflags = 0
+            deadline = None
+        else:
+            rec, ikey, pflags, deadline = self._encode_set(key, value, ttl)
         n = len(rec)
-        i = hash(key) & self._mask
+        i = hash(ikey) & self._mask
         stripe = self._stripes[i]
         with self._stripe_locks[i]:
-            old = stripe.get(key)  # .get under the stripe lock: no reader ever takes it
+            old = stripe.get(ikey)  # .get under the stripe lock: no reader ever takes it
             seg, offset = self._append(rec, n, n if old is None else n - _length(old))
             # Publish: the new position (and a new key's own copy) marked shared, then one
             # dict store publishes them. positions.pack and mark_shared inlined (the test of
             # the inlined positions checks this against pack).
             fd = seg.fd
-            if fd < 4096 and offset < 1 << 32 and n < 1 << 16:
-                pos = fd << 48 | offset << 16 | n
+            if fd < 4096 and offset < 1 << 30 and n < 1 << 16 and not pflags & 1:
+                pos = fd << 48 | offset << 18 | n << 2 | pflags
             else:
-                pos = _pack(fd, offset, n)
+                pos = _pack(fd, offset, n, pflags)
             counts = SHARED_COUNTS
             if counts is not None:
                 counts[(id(pos) + SHARED_COUNT_OFFSET) >> 3] = 1
             if old is None:
-                key = key.encode().decode()
-                mark_shared_str(key)
-            stripe[key] = pos
+                ikey = ikey.encode("utf-8", "surrogateescape").decode("utf-8", "surrogateescape")
+                mark_shared_str(ikey)
+            elif old < 0:
+                self._forget_deadline(i, ikey)
+            if deadline is not None:
+                self._note_deadline(i, ikey, deadline)
+            stripe[ikey] = pos
         if self._fsync_always:
             self._group_commit(seg, offset + n)
 
-    def set_many(self, items: Sequence[tuple[str, str]]) -> None:
-        """``set`` of each ``(key, value)`` pair in order, sharing one append: the records go
-        to the log in one append (a pipelined batch of SETs takes the append lock once, not
-        one each). Every pair is checked before anything is written: a bad one raises as
-        ``set`` would and none is stored.
+    def _encode_set(self, key: object, value: object, ttl: object) -> tuple[bytes, str, int, int | None]:
+        """The general path of ``set``: ``(record, index key, position flags, deadline)``,
+        every argument checked (``TypeError`` / ``KvsError``, nothing written)."""
+        if (type(key) is bytes and type(value) is bytes  # the RESP server's SET
+                and len(key) <= self._max_key and len(value) <= self._max_value):
+            kb, key_is_bytes, vb, value_is_bytes = key, True, value, True
+        else:
+            kb, key_is_bytes = key_bytes(key, self._max_key)
+            vb, value_is_bytes = value_bytes(value, self._max_value)
+        deadline = None if ttl is None else ttl_deadline(ttl, self._clock())
+        flags = (record.F_KEY_BYTES if key_is_bytes else 0) | (record.F_VALUE_BYTES if value_is_bytes else 0)
+        pflags = (_KEY_BYTES if key_is_bytes else 0) | (positions.EXPIRES if deadline is not None else 0)
+        return _encode_set(kb, vb, flags, deadline), index_key(kb, key_is_bytes, key), pflags, deadline
 
-        Each key's write is linearizable exactly as with ``set``: the stripe locks of every
-        key in the batch are held, in index order (so two batches cannot deadlock), across
-        "append, then store the positions". The batch is not atomic across a crash: a torn
-        tail keeps a prefix of it, as it would of the same ``set`` calls."""
-        if len(items) <= 1:
-            for key, value in items:
-                self.set(key, value)
-            return
-        max_key, max_value = self._max_key, self._max_value
-        recs = [_encode_set(key, value, max_key, max_value) for key, value in items]
-        mask = self._mask
-        stripe_ids = [hash(key) & mask for key, _value in items]
-        stripe_locks = self._stripe_locks
-        locks = [stripe_locks[i] for i in sorted(set(stripe_ids))]
-        stripes = self._stripes
-        blob = b"".join(recs)
-        for lock in locks:
-            lock.acquire()
-        try:
-            # Live bytes: each record replaces the key's current record, or the batch's
-            # earlier record of the same key. (.get under the stripe locks, as in set: no
-            # other writer can be in these stripes, and readers never lock them.)
-            latest: dict[str, int] = {}
-            live_delta = 0
-            for (key, _value), i, rec in zip(items, stripe_ids, recs, strict=True):
-                n = len(rec)
-                old = latest.get(key)
-                if old is None:
-                    pos = stripes[i].get(key)
-                    old = 0 if pos is None else _length(pos)
-                latest[key] = n
-                live_delta += n - old
-            seg, offset = self._append(blob, len(blob), live_delta)
-            fd = seg.fd
-            counts = SHARED_COUNTS
-            for (key, _value), i, rec in zip(items, stripe_ids, recs, strict=True):
-                # published as in set
-                n = len(rec)
-                pos = _pack(fd, offset, n)
-                if counts is not None:
-                    counts[(id(pos) + SHARED_COUNT_OFFSET) >> 3] = 1
-                stripe = stripes[i]
-                if key not in stripe:
-                    key = key.encode().decode()
-                    mark_shared_str(key)
-                stripe[key] = pos
-                offset += n
-        finally:
-            for lock in reversed(locks):
-                lock.release()
-        if self._fsync_always:
-            self._group_commit(seg, offset)
-
-    def remove(self, key: str) -> None:
-        """Delete ``key``; ``KeyNotFoundError`` when it is absent."""
-        if type(key) is not str:
-            key = check_str(key, "key")
-        rec = _encode_tombstone(encode_text(key, "key", self._max_key))
-        i = hash(key) & self._mask
+    def remove(self, key: object) -> None:
+        """Delete ``key``; ``KeyNotFoundError`` when it is absent (or expired)."""
+        if self._callers:
+            self._guard.check()
+        kb, is_bytes = key_bytes(key, self._max_key)
+        ikey = index_key(kb, is_bytes, key)
+        rec = _encode_tombstone(kb)
+        i = hash(ikey) & self._mask
         stripe = self._stripes[i]
         with self._stripe_locks[i]:
-            old = stripe.get(key)
+            old = stripe.get(ikey)
+            if old is not None and old < 0 and self._expires[i][ikey] <= self._clock():
+                freed = self._expire_key(i, ikey)  # expired: absent, and its space comes back now
+                with self._append_lock:
+                    self._sizes[LIVE] -= freed
+                old = None
             if old is None:
                 self._check_open()
                 raise KeyNotFoundError(key)
             seg, offset = self._append(rec, len(rec), -_length(old))
-            del stripe[key]
+            del stripe[ikey]
+            if old < 0:
+                self._forget_deadline(i, ikey)
         if self._fsync_always:
             self._group_commit(seg, offset + len(rec))
+
+    def __contains__(self, key: object) -> bool:
+        """Whether ``key`` is present and unexpired (lock-free, as ``get``)."""
+        kb, is_bytes = key_bytes(key, self._max_key)
+        ikey = index_key(kb, is_bytes, key)
+        if self._callers:
+            self._guard.check()
+        i = hash(ikey) & self._mask
+        stripe = self._shards[i][0]
+        try:
+            entry = stripe[ikey]
+        except KeyError:
+            return False
+        pos = entry.resolve() if type(entry) is Pending else entry
+        if pos is None:
+            return False
+        if pos < 0:
+            try:
+                return bool(self._expires[i][ikey] > self._clock())
+            except KeyError:  # a writer is replacing the key's deadline right now
+                return True
+        return True
 
     @property
     def fsync(self) -> FsyncPolicy:
@@ -477,40 +602,90 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction):
         return self._fsync
 
     def __len__(self) -> int:
-        """The number of keys (a snapshot when writers are active)."""
+        """The number of live, unexpired keys (a snapshot when writers are active): the keys
+        of the index once the expired ones have been removed, which walks only those
+        (``expiry.py``), not the keys."""
         self._check_open()
+        if self._callers:
+            self._guard.check()
+        self._purge_due()
         return sum(len(s) for s in self._stripes)
 
-    def keys(self) -> list[str]:
-        """A snapshot of the keys (each stripe copied under its lock)."""
-        self._check_open()
-        out: list[str] = []
-        for stripe, lock in zip(self._stripes, self._stripe_locks, strict=True):
-            with lock:
-                out.extend(stripe)
-        return out
+    def clear(self) -> None:
+        """Remove every key: one CLEAR record, durable (fsynced whatever the policy) before
+        this returns, then every older segment deleted (``docs/storage-format.md``, section
+        2: a ``clear`` killed before the deletions is finished by the next open). Writers wait
+        for it (every stripe lock is held while the index is emptied); readers never do."""
+        if self._callers:
+            self._guard.check()
+        with self._compact_lock:
+            self._check_open()
+            locks = self._stripe_locks
+            for lock in locks:
+                lock.acquire()
+            try:
+                with self._append_lock:
+                    self._check_open()
+                    self._roll_over()
+                    active = self._active
+                    rec = record.encode_clear()
+                    self._append_locked(rec, len(rec), 0)
+                    try:
+                        os.fsync(active.fd)
+                        fsync_dir(self.path)
+                    except OSError as exc:
+                        raise KvsError(f"clear of {self.path} failed: {exc.strerror}") from None
+                    active.durable = max(active.durable, active.size)
+                    retired = [seg for g, seg in self._segments.items() if g != active.gen]
+                    for stripe in self._stripes:
+                        stripe.clear()
+                    for cache in self._caches:
+                        cache.clear()
+                    self._clear_expiry()
+                    self._clear_scan_snapshots()
+                    self._sizes[LIVE] = 0
+            finally:
+                for lock in reversed(locks):
+                    lock.release()
+            self._readers.grace_period()
+            with self._append_lock:
+                for seg in retired:
+                    del self._segments[seg.gen]
+                    del self._by_fd[seg.fd]
+                    self._sizes[TOTAL] -= seg.size
+            for seg in retired:
+                os.close(seg.fd)
+                seg.path.unlink(missing_ok=True)
+                (self.path / segments.hint_name(seg.gen)).unlink(missing_ok=True)
+            fsync_dir(self.path)
+            self._rearm_compaction_trigger()
 
     def stats(self) -> dict[str, int]:
         """Sizes for monitoring, benchmarks and tests, one consistent snapshot of the log:
 
-        ``keys``; ``segments`` (segment files, the active one included); ``live_bytes``
-        (bytes of the records the index points to) and ``total_bytes`` (of all segments);
-        ``compactions`` (finished since open); ``active_segment_bytes`` and
+        ``keys`` (in the index, expired ones not yet swept included); ``expiring_keys``
+        (keys with a deadline); ``segments`` (segment files, the active one included);
+        ``live_bytes`` (bytes of the records the index points to) and ``total_bytes`` (of
+        all segments); ``compactions`` (finished since open); ``active_segment_bytes`` and
         ``active_durable_bytes`` (the active segment's records, and how much of them is
         known to be fsynced); ``cache_entries`` (values held by the value cache)."""
         self._check_open()
         with self._append_lock:
             active = self._active
-            return {"keys": sum(len(s) for s in self._stripes), "segments": len(self._segments),
+            return {"keys": sum(len(s) for s in self._stripes),
+                    "expiring_keys": sum(len(e) for e in self._expires),
+                    "segments": len(self._segments),
                     "live_bytes": self._sizes[LIVE], "total_bytes": self._sizes[TOTAL],
                     "compactions": self.compactions,
                     "active_segment_bytes": active.size, "active_durable_bytes": active.durable,
                     "cache_entries": sum(len(c) for c in self._caches)}
 
-    def _position(self, key: str) -> int | None:
+    def _position(self, key: object) -> int | None:
         """The position (``positions.py``) the index holds for ``key``, or None. For tests,
         which check the hot paths' inlined packing against ``positions.pack``."""
-        return self._stripes[hash(key) & self._mask].get(key)
+        kb, is_bytes = key_bytes(key, self._max_key)
+        ikey = index_key(kb, is_bytes, key)
+        return self._stripes[hash(ikey) & self._mask].get(ikey)
 
     def close(self) -> None:
         """Stop the background threads, flush, release the directory. Idempotent; calls

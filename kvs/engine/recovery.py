@@ -20,6 +20,14 @@ What counts as damage
     (:func:`is_torn_tail`): both are cut. Anything else, in any segment, is corruption and
     ``open`` fails with ``KvsError`` without touching the directory.
 
+Expiry and clear
+    A SET record's deadline goes into ``_expires`` with the position (flag ``EXPIRES``); a
+    CLEAR record empties the index. After the replay, keys whose deadline has passed are
+    dropped (their records carry the deadline, so no tombstone is needed: the next open drops
+    them again until a compaction has removed them), the deadline heaps are built, and the
+    segments older than the newest CLEAR are deleted: a ``clear`` killed before it had
+    deleted them is finished here (``docs/storage-format.md``, section 4).
+
 Marking for other threads
     Recovery runs before any other thread can reach the store, so every key and position it
     publishes into the index is a fresh object of the opening thread, marked shared
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import heapq
 import logging
 import mmap
 import os
@@ -40,7 +49,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from kvs.engine import hints, positions, record, segments
-from kvs.engine.positions import MAX_RECORD_LENGTH, NARROW_LENGTH_LIMIT, NARROW_OFFSET_SHIFT
+from kvs.engine.clock import Clock
+from kvs.engine.datadir import fsync_dir
+from kvs.engine.positions import (
+    EXPIRES,
+    KEY_BYTES,
+    MAX_RECORD_LENGTH,
+    NARROW_LENGTH_LIMIT,
+    NARROW_LENGTH_SHIFT,
+    NARROW_OFFSET_LIMIT,
+    NARROW_OFFSET_SHIFT,
+)
 from kvs.engine.segment_log import LIVE, TOTAL, Segment, mapped
 from kvs.errors import KvsError
 from kvs.freethreading import SHARED_COUNT_OFFSET, SHARED_COUNTS, mark_shared, mark_shared_str
@@ -58,6 +77,10 @@ class Recovery:
     path: Path
     _mask: int
     _stripes: list[dict[str, int]]
+    _expires: list[dict[str, int]]
+    _deadlines: list[list[tuple[int, str]]]
+    _clock: Clock
+    _by_fd: dict[int, Segment]
     _segments: dict[int, Segment]
     _active: Segment
     _sizes: array.array[int]
@@ -79,10 +102,15 @@ class Recovery:
                     (directory / segments.hint_name(g)).unlink(missing_ok=True)
             (directory / segments.marker_name(major)).unlink()
         gens = segments.list_segments(directory)
+        self._cleared_at: int | None = None  # the generation of the newest CLEAR replayed
         for g in gens:
             newest = g == gens[-1]
             seg = self._open_segment_file(g, newest)
             self._replay(seg, newest)
+        if self._cleared_at is not None:
+            self._drop_segments_before(self._cleared_at)
+            gens = [g for g in gens if g >= self._cleared_at]
+        self._drop_expired_and_build_heaps()
         live_logs = {segments.log_name(g) for g in self._segments}
         for h in directory.glob("*.hint"):
             if h.with_suffix(".log").name not in live_logs:
@@ -101,6 +129,34 @@ class Recovery:
                   sum(len(s) for s in self._stripes), len(self._segments),
                   self._sizes[LIVE], self._sizes[TOTAL])
 
+    def _drop_segments_before(self, gen: int) -> None:
+        """Delete the segments older than ``gen`` (every record in them is older than a
+        CLEAR) and their hint files: what an interrupted ``clear`` had not done yet."""
+        for g in sorted(self._segments):
+            if g < gen:
+                seg = self._segments.pop(g)
+                del self._by_fd[seg.fd]
+                os.close(seg.fd)
+                seg.path.unlink(missing_ok=True)
+                (self.path / segments.hint_name(g)).unlink(missing_ok=True)
+        fsync_dir(self.path)
+
+    def _drop_expired_and_build_heaps(self) -> None:
+        """Drop the keys whose deadline has passed; build each stripe's deadline heap."""
+        now = self._clock()
+        for stripe, expires, heap in zip(self._stripes, self._expires, self._deadlines, strict=True):
+            if not expires:
+                continue
+            for key, deadline in list(expires.items()):
+                if deadline <= now:
+                    del stripe[key]
+                    del expires[key]
+                else:
+                    entry = (deadline, key)
+                    mark_shared(entry)
+                    heap.append(entry)
+            heapq.heapify(heap)
+
     def _replay(self, seg: Segment, newest: bool) -> None:
         """Apply the records of ``seg`` to the index, from its hint file when it has a good
         one. A damaged tail of the newest segment is cut off; other damage is an error."""
@@ -117,11 +173,24 @@ class Recovery:
         with mapped(seg) as data:
             try:
                 with contextlib.closing(record.scan(data, MAX_RECORD_LENGTH)) as records:
-                    for pos, op, key, length in records:
+                    for pos, rec, key, length in records:
+                        op = rec.op
                         if op == record.OP_SET:
-                            self._index_put(key, pack(seg.fd, pos, length))
-                        else:
-                            self._stripes[hash(k := key.decode()) & self._mask].pop(k, None)
+                            flags = KEY_BYTES if rec.flags & record.F_KEY_BYTES else 0
+                            if rec.deadline is not None:
+                                flags |= EXPIRES
+                            self._index_put(key, pack(seg.fd, pos, length, flags), rec.deadline)
+                        elif op == record.OP_TOMBSTONE:
+                            k = key.decode("utf-8", "surrogateescape")
+                            i = hash(k) & self._mask
+                            self._stripes[i].pop(k, None)
+                            self._expires[i].pop(k, None)
+                        else:  # CLEAR
+                            for stripe in self._stripes:
+                                stripe.clear()
+                            for expires in self._expires:
+                                expires.clear()
+                            self._cleared_at = seg.gen
             except record.CorruptRecord as exc:
                 unwritten = newest and is_zeros(data, exc.offset)
                 if not (unwritten or newest and is_torn_tail(data, exc.offset, MAX_RECORD_LENGTH)):
@@ -143,42 +212,57 @@ class Recovery:
             raise KvsError(f"cannot truncate the torn tail of {seg.path}: {err.strerror}") from None
         seg.size = seg.durable = torn.offset
 
-    def _index_put(self, key_bytes: bytes, pos: int) -> None:
-        """Store the position of ``key_bytes`` while ``open`` replays a log. The key and the
-        position are new objects of this thread: they are marked shared before the dict
-        store publishes them (a key the stripe already holds keeps its stored object)."""
-        key = key_bytes.decode()
-        stripe = self._stripes[hash(key) & self._mask]
+    def _index_put(self, key_bytes: bytes, pos: int, deadline: int | None) -> None:
+        """Store the position (and deadline) of ``key_bytes`` while ``open`` replays a log.
+        The key, the position and the deadline are new objects of this thread: they are marked
+        shared before the dict store publishes them (a key the stripe already holds keeps its
+        stored object)."""
+        key = key_bytes.decode("utf-8", "surrogateescape")
+        i = hash(key) & self._mask
+        stripe = self._stripes[i]
         mark_shared(pos)
         if key not in stripe:
             mark_shared_str(key)
         stripe[key] = pos
+        if deadline is not None:
+            mark_shared(deadline)
+            self._expires[i][key] = deadline
+        else:
+            self._expires[i].pop(key, None)
 
-    def _index_hints(self, seg: Segment, entries: Iterator[tuple[bytes, int, int]]) -> None:
+    def _index_hints(self, seg: Segment, entries: Iterator[tuple[bytes, int, int, int, int]]) -> None:
         """``_index_put`` of every hint entry of ``seg``, inlined: the loop of ``open`` at a
         million keys. Inlined with it: ``positions.pack`` for the narrow form (a segment
         below ``NARROW_OFFSET_LIMIT`` bytes with a narrow descriptor; ``tests/test_kvstore.py``
         checks the result equals ``pack``) and ``mark_shared`` / ``str_needs_mark``."""
         stripes = self._stripes
+        all_expires = self._expires
         mask = self._mask
         fd = seg.fd
         counts = SHARED_COUNTS
         narrow = (fd << positions.NARROW_FD_SHIFT
-                  if fd < positions.NARROW_FD_LIMIT and seg.size <= positions.NARROW_OFFSET_LIMIT else -1)
+                  if fd < positions.NARROW_FD_LIMIT and seg.size <= NARROW_OFFSET_LIMIT else -1)
         pack = positions.pack
         # Locals, not globals: this loop runs once per key of the store.
-        length_limit, offset_shift, count_offset = NARROW_LENGTH_LIMIT, NARROW_OFFSET_SHIFT, SHARED_COUNT_OFFSET
-        for key_bytes, offset, length in entries:
-            key = key_bytes.decode()
-            if narrow >= 0 and length < length_limit:
-                pos = narrow | offset << offset_shift | length
+        length_limit, offset_shift, length_shift, count_offset = (
+            NARROW_LENGTH_LIMIT, NARROW_OFFSET_SHIFT, NARROW_LENGTH_SHIFT, SHARED_COUNT_OFFSET)
+        for key_bytes, offset, length, flags, deadline in entries:
+            key = key_bytes.decode("utf-8", "surrogateescape")
+            if narrow >= 0 and length < length_limit and not flags & 1:
+                pos = narrow | offset << offset_shift | length << length_shift | flags
             else:
-                pos = pack(fd, offset, length)
+                pos = pack(fd, offset, length, flags)
             if counts is not None:
                 counts[(id(pos) + count_offset) >> 3] = 1
                 if len(key) > 1 or (len(key) == 1 and ord(key) > 0xFF):
                     counts[(id(key) + count_offset) >> 3] = 1
-            stripes[hash(key) & mask][key] = pos
+            i = hash(key) & mask
+            stripes[i][key] = pos
+            if flags & 1:  # EXPIRES
+                mark_shared(deadline)
+                all_expires[i][key] = deadline
+            elif all_expires[i]:
+                all_expires[i].pop(key, None)
 
 
 def is_zeros(data: bytes | mmap.mmap, offset: int) -> bool:
@@ -198,9 +282,16 @@ def is_torn_tail(data: bytes | mmap.mmap, offset: int, max_record: int) -> bool:
     the log continues with valid records means corruption in the middle."""
     if len(data) - offset < record.OVERHEAD:
         return True
-    op, klen, vlen = _HEADER_UNPACK(data, offset)
-    nxt = offset + record.OVERHEAD + klen + vlen
-    if op not in (record.OP_SET, record.OP_TOMBSTONE) or nxt >= len(data) or nxt - offset > max_record:
+    op = data[offset]
+    if op in (record.V1_OP_SET, record.V1_OP_TOMBSTONE):
+        _op, klen, vlen = record.V1_HEADER.unpack_from(data, offset)
+        nxt = offset + record.V1_OVERHEAD + klen + vlen
+    elif record.OP_SET <= op <= record.OP_TXN:
+        _op, flags, klen, vlen = _HEADER_UNPACK(data, offset)
+        nxt = offset + record.OVERHEAD + klen + vlen + (record.DEADLINE_SIZE if flags & record.F_DEADLINE else 0)
+    else:
+        return True
+    if nxt >= len(data) or nxt - offset > max_record:
         return True
     try:
         for _ in record.scan(memoryview(data)[nxt:], max_record):

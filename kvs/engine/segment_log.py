@@ -225,6 +225,21 @@ class SegmentLog:
             self._prefault(*prefault)
         return seg, offset
 
+    def _append_locked(self, rec: bytes, n: int, live_delta: int) -> int:
+        """``_append`` for a caller that already holds ``_append_lock`` (``clear``): the
+        offset ``rec`` was written at in the active segment. No roll-over, no compaction
+        trigger and no prefault ahead (pages are faulted in by the copy)."""
+        seg = self._active
+        offset = seg.size
+        end = offset + n
+        if end > seg.mark:
+            self._past_mark(seg, end)
+        seg.writer[offset:end] = rec
+        seg.size = end
+        self._sizes[TOTAL] += n
+        self._sizes[LIVE] += live_delta
+        return offset
+
     def _past_mark(self, seg: Segment, end: int) -> tuple[mmap.mmap, int, int] | None:
         """An append to ``end`` passes ``seg.mark``: map more of the file if ``end`` needs it,
         and take the next pages to populate, ``(map, start, length)``, for the caller to

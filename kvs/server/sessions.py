@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kvs.engine.base import KvsEngine
+from kvs.engine.values import Key, Value
 from kvs.errors import KvsError, ProtocolError
 from kvs.freethreading import share_module_globals
 
@@ -102,7 +103,7 @@ class DecodingSession:
         """The last response on a stream that ``exc`` ended."""
         raise NotImplementedError
 
-    def store_run(self, pairs: Sequence[tuple[str, str]]) -> bool:
+    def store_run(self, pairs: Sequence[tuple[Key, Value]]) -> bool:
         """Store a run of consecutive pipelined SETs with the engine's ``set_many`` (one
         write for the run). False, with nothing stored, when the engine refuses a pair: the
         caller then executes the run one command at a time, so each command gets exactly
