@@ -4,6 +4,12 @@ One client is one TCP connection and is meant for one thread at a time (give eac
 its own client; connections are cheap for the server, idle ones cost it no thread).
 Every failure is a ``KvsError``: connection problems, timeouts, and errors the server
 reports, with the server's message.
+
+The client speaks protocol version 2 (``docs/protocol.md``): keys and values are ``str`` or
+bytes-like, as in the engines, and a value reads back as the type it was written with; ``set``
+takes a ``ttl`` in seconds. A key or value of another type is a ``TypeError`` and nothing is
+sent. A kvs 0.1.0 server speaks only version 1 and closes the connection on the first
+request (``KvsError`` saying so).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import socket
 from types import TracebackType
 
 from kvs.address import parse_address
+from kvs.engine.values import Key, Value, ttl_deadline
 from kvs.errors import KeyNotFoundError, KvsError
 from kvs.freethreading import share_module_globals
 from kvs.limits import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES
@@ -30,7 +37,7 @@ from kvs.protocol import (
 _GET, _SET, _REMOVE, _PING = "get", "set", "remove", "ping"
 Decoded = Response | ProtocolError
 """One item the response decoder yields: a response, or a malformed one's error."""
-Outcome = str | KvsError | None
+Outcome = str | bytes | KvsError | None
 """What one request came to: a value, an error, or nothing (see ``Pipeline``)."""
 _READABLE = select.POLLIN | select.POLLERR | select.POLLHUP
 
@@ -64,15 +71,19 @@ class KvsClient:
         self._closed = False
 
     # ------------------------------------------------------------------ commands
-    def get(self, key: str) -> str | None:
-        """The value of ``key``, or ``None`` when the server has no such key."""
+    def get(self, key: Key) -> str | bytes | None:
+        """The value of ``key`` (``str`` or ``bytes``, the type it was written with), or
+        ``None`` when the server has no such key."""
         return _result(_GET, self._call(encode_get(key, **self._limits)))
 
-    def set(self, key: str, value: str) -> None:
-        """Store ``value`` under ``key``."""
-        _result(_SET, self._call(encode_set(key, value, **self._limits, max_value_bytes=self._max_value)))
+    def set(self, key: Key, value: Value, *, ttl: float | None = None) -> None:
+        """Store ``value`` under ``key``; with ``ttl`` (seconds, millisecond precision), the
+        key expires that long after the server stores it. ``TypeError`` for a ttl that is not
+        a number, ``KvsError`` for one that is not positive and finite."""
+        frame = encode_set(key, value, ttl_ms=_ttl_ms(ttl), **self._limits, max_value_bytes=self._max_value)
+        _result(_SET, self._call(frame))
 
-    def remove(self, key: str) -> None:
+    def remove(self, key: Key) -> None:
         """Remove ``key``; ``KeyNotFoundError`` when the server has no such key."""
         _result(_REMOVE, self._call(encode_remove(key, **self._limits)))
 
@@ -148,7 +159,15 @@ class KvsClient:
         self.close()
 
 
-def _result(kind: str, resp: Decoded) -> str | None:
+def _ttl_ms(ttl: float | None) -> int | None:
+    """A TTL in seconds as the wire's milliseconds, checked as the engines check it."""
+    return None if ttl is None else ttl_deadline(ttl, 0)
+
+
+_OLD_SERVER = "unsupported protocol version 2"
+
+
+def _result(kind: str, resp: Decoded) -> str | bytes | None:
     """The value of one response to a request of ``kind``, or the error it carries raised."""
     outcome = _outcome(kind, resp)
     if isinstance(outcome, KvsError):
@@ -167,7 +186,10 @@ def _outcome(kind: str, resp: Decoded) -> Outcome:
     if status is Status.NOT_FOUND:
         return KeyNotFoundError() if kind == _REMOVE else None
     if status is Status.ERROR or status is Status.FATAL:
-        return KvsError(value or "server error")
+        message = str(value or "server error")
+        if status is Status.FATAL and message.startswith(_OLD_SERVER):
+            message = f"the server speaks only protocol version 1 (kvs 0.1.0): {message}"
+        return KvsError(message)
     return KvsError(f"unexpected response status {status!r}")
 
 
@@ -184,14 +206,14 @@ class Pipeline:
         self._kinds: list[str] = []
         self._results: list[Outcome] | None = None
 
-    def get(self, key: str) -> Pipeline:
+    def get(self, key: Key) -> Pipeline:
         return self._queue(_GET, encode_get(key, **self._client._limits))
 
-    def set(self, key: str, value: str) -> Pipeline:
+    def set(self, key: Key, value: Value, *, ttl: float | None = None) -> Pipeline:
         c = self._client
-        return self._queue(_SET, encode_set(key, value, **c._limits, max_value_bytes=c._max_value))
+        return self._queue(_SET, encode_set(key, value, ttl_ms=_ttl_ms(ttl), **c._limits, max_value_bytes=c._max_value))
 
-    def remove(self, key: str) -> Pipeline:
+    def remove(self, key: Key) -> Pipeline:
         return self._queue(_REMOVE, encode_remove(key, **self._client._limits))
 
     def ping(self) -> Pipeline:

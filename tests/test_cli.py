@@ -9,6 +9,7 @@ through scripts/serve. Servers listen on 127.0.0.1 port 0; the port is read from
 from __future__ import annotations
 
 import os
+import random
 import re
 import resource
 import signal
@@ -483,3 +484,161 @@ def test_client_against_a_server_that_is_not_kvs() -> None:
             assert_one_error_line(proc)
             assert proc.returncode == 1
         t.join(DEADLINE)
+
+
+# ------------------------------------------------------------------------------ client: TTL and bytes
+
+
+def client_bytes(*args: str | bytes, addr: str, stdin: bytes | None = None,
+                 stdout: int | object = subprocess.PIPE) -> subprocess.CompletedProcess[bytes]:
+    """kvs-client with arguments that may be bytes (POSIX argv is bytes), ``stdin``'s bytes
+    as standard input (none: /dev/null) and stdout to a pipe or an open file."""
+    return subprocess.run([KVS_CLIENT, *args, "--addr", addr], input=stdin,
+                          stdin=subprocess.DEVNULL if stdin is None else None, stdout=stdout,
+                          stderr=subprocess.PIPE, timeout=DEADLINE)
+
+
+def _stderr_line(proc: subprocess.CompletedProcess[bytes], code: int, *fragments: str) -> None:
+    """Exit ``code``, nothing on stdout, one line on stderr with ``fragments``, no traceback."""
+    stderr = proc.stderr.decode(errors="replace")
+    assert proc.returncode == code, (proc.returncode, stderr)
+    assert "Traceback" not in stderr, stderr
+    assert stderr.count("\n") == 1 and stderr.endswith("\n"), stderr
+    for fragment in fragments:
+        assert fragment in stderr, stderr
+    assert not proc.stdout
+
+
+def _host_port(addr: str) -> tuple[str, int]:
+    host, port = addr.rsplit(":", 1)
+    return host, int(port)
+
+
+@pytest.mark.timeout(60)
+def test_client_set_with_ttl_expires_the_key(servers: list[ServerProcess], tmp_path: Path) -> None:
+    from kvs.client import KvsClient
+
+    _, addr = start_server(servers, tmp_path / "data")
+    with KvsClient(_host_port(addr), timeout=DEADLINE) as c:
+        c.set("short", "old")  # a set that failed would leave this value in place
+        proc = client("set", "short", "new", "--ttl", "0.3", addr=addr)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+        wait_for(lambda: c.get("short") is None, what="the key to expire")
+        assert client("get", "short", addr=addr).stdout == "Key not found\n"
+        # seconds, not milliseconds: a 60 s TTL is still running when the next command reads the key
+        assert client("set", "long", "kept", "--ttl", "60", addr=addr).returncode == 0
+        assert client("get", "long", addr=addr).stdout == "kept\n"
+        assert c.get("long") == "kept"
+
+
+@pytest.mark.timeout(60)
+def test_client_bad_ttl_is_one_line_exit_2_and_nothing_stored(servers: list[ServerProcess], tmp_path: Path) -> None:
+    from kvs.client import KvsClient
+
+    _, addr = start_server(servers, tmp_path / "data")
+    with KvsClient(_host_port(addr), timeout=DEADLINE) as c:
+        c.set("k", "old")
+        for ttl in ("0", "-1", "nan", "abc", "inf", "1e300"):
+            proc = client("set", "k", "new", "--ttl", ttl, addr=addr)
+            assert proc.returncode == 2, (ttl, proc)
+            line = assert_one_error_line(proc, "--ttl", repr(ttl))
+            assert line.startswith("kvs-client: error:"), line
+            assert proc.stdout == ""
+        proc = client("set", "fresh", "v", "--ttl=-1", addr=addr)  # the other spelling of the option
+        assert proc.returncode == 2, proc
+        assert_one_error_line(proc, "--ttl", "'-1'")
+        assert c.get("k") == "old"
+        assert c.get("fresh") is None
+
+
+@pytest.mark.timeout(60)
+def test_client_set_from_stdin_round_trips_a_binary_value_exactly(servers: list[ServerProcess], tmp_path: Path) -> None:
+    """``set KEY -`` stores standard input's bytes; ``get KEY > file`` writes them back with
+    nothing added (stdout is not a terminal): NUL, invalid UTF-8, CR/LF and all."""
+    from kvs.client import KvsClient
+
+    _, addr = start_server(servers, tmp_path / "data")
+    data = b"\x00\xff\xfe\r\n" + random.Random(2).randbytes(2 << 20) + b"\xc3"  # ends inside a UTF-8 sequence
+    proc = client_bytes("set", "blob", "-", addr=addr, stdin=data)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b"")
+    out = tmp_path / "out"
+    with out.open("wb") as f:
+        proc = client_bytes("get", "blob", addr=addr, stdout=f)
+    assert (proc.returncode, proc.stderr) == (0, b"")
+    assert out.read_bytes() == data
+    with KvsClient(_host_port(addr), timeout=DEADLINE) as c:
+        assert c.get("blob") == data  # stored as bytes, not text
+    # a bytes value ending in a newline keeps exactly its one newline; an empty one is empty
+    assert client_bytes("set", "line", "-", addr=addr, stdin=b"line\n").returncode == 0
+    assert client_bytes("get", "line", addr=addr).stdout == b"line\n"
+    assert client_bytes("set", "empty", "-", addr=addr, stdin=b"").returncode == 0
+    proc = client_bytes("get", "empty", addr=addr)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b"")
+
+
+@pytest.mark.timeout(60)
+def test_client_get_of_a_bytes_value_on_a_terminal_ends_the_line(servers: list[ServerProcess],
+                                                                  tmp_path: Path) -> None:
+    import pty
+
+    _, addr = start_server(servers, tmp_path / "data")
+    assert client_bytes("set", "k", "-", addr=addr, stdin=b"no newline").returncode == 0
+    master, slave = pty.openpty()
+    try:
+        proc = client_bytes("get", "k", addr=addr, stdout=slave)
+        os.close(slave)
+        slave = -1
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the terminal's other side is closed, everything was read
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    assert (proc.returncode, proc.stderr) == (0, b"")
+    assert out == b"no newline\r\n"  # the terminal shows "\n" as CR LF
+
+
+@pytest.mark.timeout(60)
+def test_client_value_over_the_limit_on_stdin_is_one_line_and_nothing_stored(servers: list[ServerProcess],
+                                                                             tmp_path: Path) -> None:
+    from kvs.client import KvsClient
+    from kvs.limits import DEFAULT_MAX_VALUE_BYTES
+
+    _, addr = start_server(servers, tmp_path / "data")
+    proc = client_bytes("set", "big", "-", addr=addr, stdin=b"\x00" * (DEFAULT_MAX_VALUE_BYTES + 1))
+    _stderr_line(proc, 1, "over the limit", str(DEFAULT_MAX_VALUE_BYTES))
+    with KvsClient(_host_port(addr), timeout=DEADLINE) as c:
+        assert c.get("big") is None
+
+
+@pytest.mark.timeout(60)
+def test_client_non_utf8_arguments_are_sent_as_their_bytes(servers: list[ServerProcess], tmp_path: Path) -> None:
+    """POSIX arguments are bytes: a key (or value) that is not UTF-8 is the key of those
+    bytes, for set, get and rm alike; a text value still prints with its newline."""
+    from kvs.client import KvsClient
+
+    _, addr = start_server(servers, tmp_path / "data")
+    key = b"caf\xe9"  # Latin-1, not UTF-8
+    proc = client_bytes(b"set", key, b"text value", addr=addr)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b"")
+    proc = client_bytes(b"get", key, addr=addr)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"text value\n", b"")
+    assert client_bytes("set", "raw", b"\xff\xfe", addr=addr).returncode == 0
+    assert client_bytes("get", "raw", addr=addr).stdout == b"\xff\xfe"  # bytes: written as stored
+    with KvsClient(_host_port(addr), timeout=DEADLINE) as c:
+        assert c.get(key) == "text value"  # the raw bytes are the key, a text value stays text
+        assert c.get("café") is None  # not the UTF-8 key of "café"
+        assert c.get("raw") == b"\xff\xfe"
+        c.set(b"stored as bytes", b"bytes")
+    assert client_bytes("get", "stored as bytes", addr=addr).stdout == b"bytes"
+    proc = client_bytes(b"rm", key, addr=addr)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b"")
+    proc = client_bytes(b"rm", key, addr=addr)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, b"", b"Key not found\n")

@@ -11,15 +11,24 @@ import pytest
 from kvs.errors import KvsError
 from kvs.limits import DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES
 from kvs.protocol import (
+    FLAG_KEY_BYTES,
+    FLAG_TTL,
+    FLAG_VALUE_BYTES,
     MAX_MESSAGE_BYTES,
+    MAX_TTL_MS,
     NOT_FOUND_RESPONSE,
+    NOT_FOUND_RESPONSE_V1,
     OK_RESPONSE,
+    OK_RESPONSE_V1,
     PONG_RESPONSE,
+    PONG_RESPONSE_V1,
     PROTOCOL_VERSION,
     REQUEST_HEADER_SIZE,
     REQUEST_MAGIC,
     RESPONSE_HEADER_SIZE,
     RESPONSE_MAGIC,
+    TTL_FIELD_SIZE,
+    FrameError,
     Op,
     ProtocolError,
     Request,
@@ -95,22 +104,41 @@ def random_chunks(data: bytes, rng: random.Random) -> list[bytes]:
 
 
 def test_frame_layout_matches_the_spec_examples() -> None:
-    assert encode_get("a") == bytes.fromhex("CB 01 02 00 00000001 00000000 61")
-    assert encode_set("k", "é") == bytes.fromhex("CB 01 03 00 00000001 00000002 6B C3A9")
-    assert encode_ping() == bytes.fromhex("CB 01 01 00 00000000 00000000")
-    assert encode_remove("a") == bytes.fromhex("CB 01 04 00 00000001 00000000 61")
-    assert encode_value("é") == bytes.fromhex("CC 01 01 00 00000002 C3A9")
-    assert encode_ok() == OK_RESPONSE == bytes.fromhex("CC 01 00 00 00000000")
-    assert encode_not_found() == NOT_FOUND_RESPONSE == bytes.fromhex("CC 01 02 00 00000000")
-    assert encode_pong() == PONG_RESPONSE == bytes.fromhex("CC 01 03 00 00000000")
-    assert encode_error("unknown operation 0x09")[:8] == bytes.fromhex("CC 01 04 00 00000016")
-    assert encode_fatal("x") == bytes.fromhex("CC 01 05 00 00000001 78")
+    # version 1: the frames of kvs 0.1.0, byte for byte
+    assert encode_get("a", version=1) == bytes.fromhex("CB 01 02 00 00000001 00000000 61")
+    assert encode_set("k", "é", version=1) == bytes.fromhex("CB 01 03 00 00000001 00000002 6B C3A9")
+    assert encode_ping(version=1) == bytes.fromhex("CB 01 01 00 00000000 00000000")
+    assert encode_remove("a", version=1) == bytes.fromhex("CB 01 04 00 00000001 00000000 61")
+    assert encode_value("é", version=1) == bytes.fromhex("CC 01 01 00 00000002 C3A9")
+    assert encode_ok(version=1) == OK_RESPONSE_V1 == bytes.fromhex("CC 01 00 00 00000000")
+    assert encode_not_found(version=1) == NOT_FOUND_RESPONSE_V1 == bytes.fromhex("CC 01 02 00 00000000")
+    assert encode_pong(version=1) == PONG_RESPONSE_V1 == bytes.fromhex("CC 01 03 00 00000000")
+    assert encode_error("unknown operation 0x09", version=1)[:8] == bytes.fromhex("CC 01 04 00 00000016")
+    assert encode_fatal("x") == bytes.fromhex("CC 01 05 00 00000001 78")  # FATAL: always version 1
+    # version 2 (the default): the same layout, the type in the flags, a TTL field after the header
+    assert encode_get("a") == bytes.fromhex("CB 02 02 00 00000001 00000000 61")
+    assert encode_get(b"a") == bytes.fromhex("CB 02 02 01 00000001 00000000 61")
+    assert encode_set("k", "é") == bytes.fromhex("CB 02 03 00 00000001 00000002 6B C3A9")
+    assert encode_set(b"k", b"\x00\xff") == bytes.fromhex("CB 02 03 03 00000001 00000002 6B 00FF")
+    assert encode_set("k", b"v", ttl_ms=1500) == bytes.fromhex(
+        "CB 02 03 06 00000001 00000001 00000000000005DC 6B 76")
+    assert encode_remove(b"\xff") == bytes.fromhex("CB 02 04 01 00000001 00000000 FF")
+    assert encode_ping() == bytes.fromhex("CB 02 01 00 00000000 00000000")
+    assert encode_value("é") == bytes.fromhex("CC 02 01 00 00000002 C3A9")
+    assert encode_value(b"\xff") == bytes.fromhex("CC 02 01 02 00000001 FF")
+    assert encode_ok() == OK_RESPONSE == bytes.fromhex("CC 02 00 00 00000000")
+    assert encode_not_found() == NOT_FOUND_RESPONSE == bytes.fromhex("CC 02 02 00 00000000")
+    assert encode_pong() == PONG_RESPONSE == bytes.fromhex("CC 02 03 00 00000000")
+    assert encode_error("unknown operation 0x09")[:8] == bytes.fromhex("CC 02 04 00 00000016")
+    assert (FLAG_KEY_BYTES, FLAG_VALUE_BYTES, FLAG_TTL, TTL_FIELD_SIZE) == (1, 2, 4, 8)
 
 
 def test_magic_bytes_cannot_start_a_resp_command() -> None:
     assert REQUEST_MAGIC >= 0x80 and RESPONSE_MAGIC >= 0x80
-    for frame in (encode_ping(), encode_get("k"), encode_set("k", "v"), encode_remove("k")):
-        assert frame[0] == REQUEST_MAGIC
+    for version in (1, 2):
+        for frame in (encode_ping(version=version), encode_get("k", version=version),
+                      encode_set("k", "v", version=version), encode_remove("k", version=version)):
+            assert frame[0] == REQUEST_MAGIC
     assert REQUEST_HEADER_SIZE == 12 and RESPONSE_HEADER_SIZE == 8
 
 
@@ -136,7 +164,61 @@ def test_ping_round_trip() -> None:
     assert decode_all(encode_ping()) == [Request(Op.PING, None, None)]
 
 
+BYTES = [b"", b"\x00", b"\xff\xfe", b"nul\x00in\x00the middle", bytes(range(256)), "café".encode()]
+
+
+@pytest.mark.parametrize("value", BYTES + ["", "text é", "\x00"])
+@pytest.mark.parametrize("key", [b"", b"\xff", b"k\x00", "k", "ключ"])
+def test_v2_keys_and_values_keep_their_type(key: str | bytes, value: str | bytes) -> None:
+    (req,) = decode_all(encode_set(key, value))
+    assert req == Request(Op.SET, key, value, None, 2)
+    assert type(req.key) is type(key) and type(req.value) is type(value)
+    for op in (Op.GET, Op.REMOVE):
+        (req,) = decode_all(encode_request(op, key))
+        assert req == Request(op, key, None, None, 2) and type(req.key) is type(key)
+    (resp,) = ResponseDecoder().feed(encode_value(value))
+    assert resp == Response(Status.VALUE, value) and type(resp.value) is type(value)
+
+
+def test_bytes_like_keys_and_values_are_sent_as_bytes() -> None:
+    frame = encode_set(bytearray(b"k"), memoryview(b"\xff"))
+    assert frame == encode_set(b"k", b"\xff")
+    (req,) = decode_all(frame)
+    assert type(req.key) is bytes and type(req.value) is bytes
+    assert encode_value(bytearray(b"\x00")) == encode_value(b"\x00")
+
+
+@pytest.mark.parametrize("ttl_ms", [1, 1500, 2**32 + 7, MAX_TTL_MS])
+def test_set_with_a_ttl_round_trips(ttl_ms: int) -> None:
+    frame = encode_set(b"k\xff", "v", ttl_ms=ttl_ms)
+    assert len(frame) == REQUEST_HEADER_SIZE + TTL_FIELD_SIZE + 3
+    assert decode_all(frame + encode_ping()) == [Request(Op.SET, b"k\xff", "v", ttl_ms, 2),
+                                                 Request(Op.PING, None, None)]
+
+
+def test_both_versions_decode_on_one_stream_each_request_keeping_its_version() -> None:
+    data = (encode_get("a", version=1) + encode_get("a") + encode_set("k", "v", version=1)
+            + encode_set("k", b"v", ttl_ms=9) + encode_remove("r", version=1) + encode_ping(version=1))
+    assert [(r.op, r.version) for r in decode_all(data)] == [
+        (Op.GET, 1), (Op.GET, 2), (Op.SET, 1), (Op.SET, 2), (Op.REMOVE, 1), (Op.PING, 1)]
+    assert decode_all(encode_set("k", "v", version=1)) == [Request(Op.SET, "k", "v", None, 1)]
+
+
+def test_version_1_value_responses_carry_text_only() -> None:
+    assert encode_value(b"caf\xc3\xa9", version=1) == encode_value("café", version=1)
+    with pytest.raises(KvsError, match="version 1 carries only text"):
+        encode_value(b"\xff", version=1)
+    # a client reads both versions' responses
+    data = encode_value("v", version=1) + OK_RESPONSE_V1 + encode_value(b"\xff") + OK_RESPONSE
+    assert ResponseDecoder().feed(data) == [Response(Status.VALUE, "v"), Response(Status.OK, None),
+                                            Response(Status.VALUE, b"\xff"), Response(Status.OK, None)]
+
+
 def test_encode_request_is_the_generic_form_of_the_helpers() -> None:
+    assert encode_request(Op.SET, b"k", "v", ttl_ms=5) == encode_set(b"k", "v", ttl_ms=5)
+    assert encode_request(Op.GET, "k", version=1) == encode_get("k", version=1)
+    assert encode_response(Status.VALUE, b"v") == encode_value(b"v")
+    assert encode_response(Status.OK, version=1) == OK_RESPONSE_V1
     assert encode_request(Op.PING) == encode_ping()
     assert encode_request(Op.GET, "k") == encode_get("k")
     assert encode_request(Op.REMOVE, "k") == encode_remove("k")
@@ -194,9 +276,29 @@ def test_error_messages_are_cut_at_a_character_boundary() -> None:
 
 def test_encoders_reject_bad_arguments() -> None:
     with pytest.raises(TypeError):
-        encode_get(b"bytes")  # type: ignore[arg-type]
+        encode_get(b"bytes", version=1)  # version 1 carries text only
+    with pytest.raises(TypeError):
+        encode_get(5)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         encode_set("k", 5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        encode_set("k", None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        encode_set("k", b"v", version=1)
+    with pytest.raises(KvsError, match="version 1 has no TTL"):
+        encode_set("k", "v", ttl_ms=5, version=1)
+    for bad_ttl in (0, -1, MAX_TTL_MS + 1):
+        with pytest.raises(KvsError, match="TTL must be"):
+            encode_set("k", "v", ttl_ms=bad_ttl)
+    for bad_ttl_type in (1.5, "5", True):
+        with pytest.raises(TypeError):
+            encode_set("k", "v", ttl_ms=bad_ttl_type)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        encode_get("k", version=3)
+    with pytest.raises(ValueError):
+        encode_request(Op.GET, "k", ttl_ms=5)
+    with pytest.raises(KvsError, match="over the limit"):
+        encode_set(b"k", b"vv", max_value_bytes=1)
     with pytest.raises(KvsError, match="UTF-8"):
         encode_get("\ud800")
     with pytest.raises(KvsError, match="over the limit"):
@@ -311,39 +413,75 @@ def test_parse_responses_reports_leftover() -> None:
 # Malformed requests: recoverable
 
 
+def v1(op: int, key: bytes = b"", value: bytes = b"", **fields: int) -> bytes:
+    return raw_request(op, key, value, version=1, **fields)
+
+
+def v2_ttl(op: int, ttl: int, key: bytes = b"", value: bytes = b"", flags: int = FLAG_TTL) -> bytes:
+    """A version 2 frame with the TTL flag and field."""
+    return (struct.pack(">BBBBIIQ", REQUEST_MAGIC, 2, op, flags, len(key), len(value), ttl) + key + value)
+
+
+# Version 1 frames get the messages kvs 0.1.0 gave them, word for word.
 RECOVERABLE_CASES = {
-    "unknown op 0": (raw_request(0, b"k"), "unknown operation 0x00"),
-    "unknown op 5": (raw_request(5, b"k"), "unknown operation 0x05"),
-    "unknown op ff": (raw_request(0xFF), "unknown operation 0xff"),
-    "flags set": (raw_request(Op.GET, b"k", flags=1), "reserved flags byte must be 0, got 0x01"),
-    "ping with key": (raw_request(Op.PING, b"k"), "PING takes no key and no value"),
-    "ping with value": (raw_request(Op.PING, b"", b"v"), "PING takes no key and no value"),
-    "get with value": (raw_request(Op.GET, b"k", b"v"), "GET takes no value"),
-    "remove with value": (raw_request(Op.REMOVE, b"k", b"v"), "REMOVE takes no value"),
-    "key not utf-8": (raw_request(Op.GET, b"\xff"), "key is not valid UTF-8"),
-    "key truncated char": (raw_request(Op.SET, b"\xc3", b"v"), "key is not valid UTF-8"),
-    "key surrogate": (raw_request(Op.REMOVE, "\ud800".encode("utf-8", "surrogatepass")), "key is not valid UTF-8"),
-    "value not utf-8": (raw_request(Op.SET, b"k", b"ok\x80"), "value is not valid UTF-8"),
-    "value overlong": (raw_request(Op.SET, b"k", b"\xc0\xaf"), "value is not valid UTF-8"),
-    "key over limit": (raw_request(Op.GET, b"k" * 17), "key is 17 bytes, over the limit of 16 bytes"),
-    "value over limit": (raw_request(Op.SET, b"k", b"v" * 65), "value is 65 bytes, over the limit of 64 bytes"),
-    "key over limit on set": (raw_request(Op.SET, b"k" * 20, b"v"), "key is 20 bytes, over the limit of 16 bytes"),
+    "unknown op 0": (v1(0, b"k"), "unknown operation 0x00"),
+    "unknown op 5": (v1(5, b"k"), "unknown operation 0x05"),
+    "unknown op ff": (v1(0xFF), "unknown operation 0xff"),
+    "flags set": (v1(Op.GET, b"k", flags=1), "reserved flags byte must be 0, got 0x01"),
+    "ping with key": (v1(Op.PING, b"k"), "PING takes no key and no value"),
+    "ping with value": (v1(Op.PING, b"", b"v"), "PING takes no key and no value"),
+    "get with value": (v1(Op.GET, b"k", b"v"), "GET takes no value"),
+    "remove with value": (v1(Op.REMOVE, b"k", b"v"), "REMOVE takes no value"),
+    "key not utf-8": (v1(Op.GET, b"\xff"), "key is not valid UTF-8"),
+    "key truncated char": (v1(Op.SET, b"\xc3", b"v"), "key is not valid UTF-8"),
+    "key surrogate": (v1(Op.REMOVE, "\ud800".encode("utf-8", "surrogatepass")), "key is not valid UTF-8"),
+    "value not utf-8": (v1(Op.SET, b"k", b"ok\x80"), "value is not valid UTF-8"),
+    "value overlong": (v1(Op.SET, b"k", b"\xc0\xaf"), "value is not valid UTF-8"),
+    "key over limit": (v1(Op.GET, b"k" * 17), "key is 17 bytes, over the limit of 16 bytes"),
+    "value over limit": (v1(Op.SET, b"k", b"v" * 65), "value is 65 bytes, over the limit of 64 bytes"),
+    "key over limit on set": (v1(Op.SET, b"k" * 20, b"v"), "key is 20 bytes, over the limit of 16 bytes"),
+    # version 2
+    "v2 unknown op": (raw_request(7, b"k"), "unknown operation 0x07"),
+    "v2 unknown flag": (raw_request(Op.GET, b"k", flags=0x08), "unknown flags 0x08"),
+    "v2 unknown flag with known ones": (raw_request(Op.SET, b"k", b"v", flags=0x83), "unknown flags 0x80"),
+    "v2 ping with key": (raw_request(Op.PING, b"k"), "PING takes no key and no value"),
+    "v2 ping with flags": (raw_request(Op.PING, flags=FLAG_KEY_BYTES), "PING takes no flags"),
+    "v2 get with value": (raw_request(Op.GET, b"k", b"v"), "GET takes no value"),
+    "v2 get with value flag": (raw_request(Op.GET, b"k", flags=FLAG_VALUE_BYTES), "GET takes no value"),
+    "v2 remove with value": (raw_request(Op.REMOVE, b"k", b"v", flags=FLAG_KEY_BYTES), "REMOVE takes no value"),
+    "v2 get with ttl": (v2_ttl(Op.GET, 5, b"k"), "GET takes no TTL"),
+    "v2 ping with ttl": (v2_ttl(Op.PING, 5), "PING takes no flags"),
+    "v2 ttl zero": (v2_ttl(Op.SET, 0, b"k", b"v"), "TTL must be 1 to"),
+    "v2 ttl over max": (v2_ttl(Op.SET, MAX_TTL_MS + 1, b"k", b"v"), "TTL must be 1 to"),
+    "v2 text key not utf-8": (raw_request(Op.GET, b"\xff"), "key is not valid UTF-8 (send it with the KEY_BYTES flag)"),
+    "v2 text value not utf-8": (raw_request(Op.SET, b"\xff", b"\xff", flags=FLAG_KEY_BYTES),
+                                "value is not valid UTF-8 (send it with the VALUE_BYTES flag)"),
+    "v2 text key with ttl": (v2_ttl(Op.SET, 5, b"\xc3", b"v"), "key is not valid UTF-8"),
+    "v2 key over limit": (raw_request(Op.GET, b"k" * 17, flags=FLAG_KEY_BYTES),
+                          "key is 17 bytes, over the limit of 16 bytes"),
+    "v2 value over limit": (v2_ttl(Op.SET, 5, b"k", b"v" * 65, flags=FLAG_TTL | FLAG_VALUE_BYTES),
+                            "value is 65 bytes, over the limit of 64 bytes"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(RECOVERABLE_CASES))
 def test_recoverable_errors_take_their_place_and_the_stream_continues(case: str) -> None:
     bad, message = RECOVERABLE_CASES[case]
-    data = encode_get("before") + bad + encode_set("after", "v") + bad + encode_ping()
+    version = bad[1]
+    data = encode_get("before") + bad + encode_set("after", "v") + bad + encode_ping(version=1)
     limits = dict(max_key_bytes=16, max_value_bytes=64)
-    expected = [Request(Op.GET, "before", None), ProtocolError(message), Request(Op.SET, "after", "v"),
-                ProtocolError(message), Request(Op.PING, None, None)]
     items = decode_all(data, **limits)
-    assert items == expected
-    assert all(not item.fatal for item in items if isinstance(item, ProtocolError))
-    assert outcome(lambda: RequestDecoder(**limits), [data[i : i + 1] for i in range(len(data))]) == (expected, None, 0)
+    assert [type(item) for item in items] == [Request, FrameError, Request, FrameError, Request]
+    assert items[0] == Request(Op.GET, "before", None) and items[2] == Request(Op.SET, "after", "v")
+    assert items[4] == Request(Op.PING, None, None, None, 1)
+    for err in (items[1], items[3]):
+        assert message in str(err) and not err.fatal and err.version == version
+    if version == 1:
+        assert str(items[1]) == message  # exactly what 0.1.0 said
+    chunked = outcome(lambda: RequestDecoder(**limits), [data[i : i + 1] for i in range(len(data))])
+    assert chunked == (items, None, 0)
     # one pass over the buffer finds the same items and consumes every frame
-    assert parse_requests(data, **limits) == (expected, len(data))
+    assert parse_requests(data, **limits) == (items, len(data))
 
 
 def test_oversized_key_within_the_frame_limit_is_recoverable() -> None:
@@ -382,9 +520,11 @@ def test_resp_bytes_are_rejected_as_bad_magic() -> None:
 
 
 def test_unknown_version_is_fatal_from_the_second_byte() -> None:
-    err = feed_expect_fatal(RequestDecoder(), bytes([REQUEST_MAGIC, 2]))
-    assert str(err) == "unsupported protocol version 2 (this side speaks version 1)"
+    err = feed_expect_fatal(RequestDecoder(), bytes([REQUEST_MAGIC, 3]))
+    assert str(err) == "unsupported protocol version 3 (this side speaks versions 1 and 2)"
     feed_expect_fatal(RequestDecoder(), raw_request(Op.GET, b"k", version=0))
+    err = feed_expect_fatal(ResponseDecoder(), bytes([RESPONSE_MAGIC, 3]))
+    assert str(err) == "unsupported protocol version 3 (this side speaks versions 1 and 2)"
 
 
 def test_absurd_length_prefix_is_fatal_from_the_header_alone_without_allocating() -> None:
@@ -459,12 +599,16 @@ def test_truncated_stream_is_pending_not_an_error() -> None:
 
 
 def test_malformed_responses() -> None:
-    recoverable = (raw_response(9) + raw_response(Status.OK, flags=2) + raw_response(Status.OK, b"x")
-                   + raw_response(Status.VALUE, b"\xff") + raw_response(Status.ERROR, b"\xc3"))
+    recoverable = (raw_response(9) + raw_response(Status.OK, flags=2, version=1) + raw_response(Status.OK, b"x")
+                   + raw_response(Status.VALUE, b"\xff") + raw_response(Status.ERROR, b"\xc3")
+                   + raw_response(Status.VALUE, b"\xff", flags=FLAG_VALUE_BYTES, version=1)
+                   + raw_response(Status.OK, flags=FLAG_VALUE_BYTES) + raw_response(Status.VALUE, b"v", flags=1))
     expected = [
         ProtocolError("unknown status 0x09"), ProtocolError("reserved flags byte must be 0, got 0x02"),
         ProtocolError("OK response carries a 1-byte payload"), ProtocolError("VALUE payload is not valid UTF-8"),
-        ProtocolError("ERROR payload is not valid UTF-8"),
+        ProtocolError("ERROR payload is not valid UTF-8"), ProtocolError("reserved flags byte must be 0, got 0x02"),
+        ProtocolError("flags 0x02 are not valid on a OK response"),
+        ProtocolError("flags 0x01 are not valid on a VALUE response"),
     ]
     assert ResponseDecoder().feed(recoverable + encode_ok()) == expected + [Response(Status.OK, None)]
     # a payload over max(max value, MAX_MESSAGE_BYTES) is fatal, after what came before it
@@ -498,23 +642,38 @@ def random_text(rng: random.Random, max_len: int) -> str:
     return "".join(rng.choice(alphabet) for _ in range(rng.randrange(max_len + 1)))
 
 
+def random_key_or_value(rng: random.Random, max_len: int, version: int) -> str | bytes:
+    if version == 2 and rng.random() < 0.5:
+        return rng.randbytes(rng.randrange(max_len + 1))
+    return random_text(rng, max_len)
+
+
 def random_frame(rng: random.Random) -> bytes:
     kind = rng.random()
     if kind < 0.6:
+        version = rng.choice([1, 2, 2])
         op = rng.choice(list(Op))
         if op == Op.PING:
-            return encode_ping()
+            return encode_ping(version=version)
+        key = random_key_or_value(rng, 12, version)
         if op == Op.SET:
-            return encode_set(random_text(rng, 12), random_text(rng, 30))
-        return encode_request(op, random_text(rng, 12))
+            ttl = rng.choice([None, None, 1, 2**40]) if version == 2 else None
+            return encode_set(key, random_key_or_value(rng, 30, version), ttl_ms=ttl, version=version)
+        return encode_request(op, key, version=version)
     if kind < 0.9:  # hand-built header with random fields, plausible lengths
         key = bytes(rng.randrange(256) for _ in range(rng.randrange(20)))
         value = bytes(rng.randrange(256) for _ in range(rng.randrange(20)))
         return raw_request(rng.choice([0, 1, 2, 3, 4, 5, 255]), key, value,
-                           flags=rng.choice([0, 0, 0, 1, 128]),
-                           version=rng.choice([PROTOCOL_VERSION] * 9 + [2]),
+                           flags=rng.choice([0, 0, 0, 1, 2, 3, 4, 6, 7, 8, 128]),
+                           version=rng.choice([1, 2, 2, 2, 2, 2, 2, 2, 2, 3]),
                            magic=rng.choice([REQUEST_MAGIC] * 19 + [0x2A]))
     return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 30)))  # noise
+
+
+def reencode(req: Request, **limits: int) -> bytes:
+    """The frame a decoded request came from: every valid frame has one encoding, so the
+    decoder's inline fast paths and its general path must agree with the encoders."""
+    return encode_request(req.op, req.key, req.value, ttl_ms=req.ttl_ms, version=req.version, **limits)
 
 
 def mutate(data: bytes, rng: random.Random) -> bytes:
@@ -556,6 +715,14 @@ def test_fuzz_request_decoder(seed: int) -> None:
                 assert not item.fatal
         # chunking never changes the outcome
         assert outcome(make, random_chunks(data, rng)) == one_shot
+        # each request decoded from a lone frame is exactly that frame re-encoded
+        for frame in frames:
+            try:
+                items, pos = parse_requests(frame, **limits)
+            except ProtocolError:
+                continue
+            if len(items) == 1 and pos == len(frame) and isinstance(items[0], Request):
+                assert reencode(items[0], **limits) == frame
         # one pass over the whole buffer agrees with the decoder
         if one_shot[1] is None:
             assert parse_requests(data, **limits) == (one_shot[0], len(data) - one_shot[2])

@@ -112,12 +112,50 @@ def test_set_options_are_refused_not_ignored(server: RunningServer) -> None:
         r.close()
 
 
-def test_non_utf8_key_or_value_is_refused_and_nothing_stored(server: RunningServer) -> None:
-    replies = raw_exchange(server.port, command("SET", b"k\xff", "v") + command("SET", "k", b"\xfe\xfe")
-                           + command("EXISTS", "k"), 3)
-    assert "UTF-8" in str(replies[0]) and "UTF-8" in str(replies[1])
-    assert replies[2] == 0
-    assert server.engine.get("k") is None
+def test_binary_keys_and_values_are_stored_as_the_bytes_sent(server: RunningServer) -> None:
+    """No UTF-8 refusal: any bytes are a key or a value, read back exactly, and stored as
+    bytes (what a library user of the same store then gets)."""
+    replies = raw_exchange(server.port, command("SET", b"k\xff", "v") + command("SET", "k", b"\xfe\x00\xfe")
+                           + command("GET", b"k\xff") + command("GET", "k") + command("EXISTS", "k", b"k\xff")
+                           + command("DEL", b"k\xff") + command("GET", b"k\xff"), 7)
+    assert replies == ["OK", "OK", b"v", b"\xfe\x00\xfe", 2, 1, None]
+    assert server.engine.get("k") == b"\xfe\x00\xfe"
+    assert server.engine.get(b"k\xff") is None
+
+
+def test_redis_py_pickle_round_trip(server: RunningServer) -> None:
+    import pickle
+
+    obj = {"nested": [1, 2.5, None, b"\x00\xff"], "text": "é", "big": list(range(1000))}
+    blob = pickle.dumps(obj)
+    r = redis.Redis(host=server.host, port=server.port, socket_timeout=10)
+    try:
+        assert r.set("p", blob) is True
+        assert r.get("p") == blob
+        assert pickle.loads(r.get("p")) == obj
+        pipe = r.pipeline(transaction=False)  # a pipelined run of SETs: one set_many
+        for i in range(20):
+            pipe.set(f"p{i}", pickle.dumps((i, b"\xff" * i)))
+        pipe.execute()
+        assert [pickle.loads(r.get(f"p{i}")) for i in range(20)] == [(i, b"\xff" * i) for i in range(20)]
+    finally:
+        r.close()
+    assert server.engine.get("p") == blob
+
+
+def test_text_and_bytes_written_over_the_kvs_protocol_read_over_resp(server: RunningServer) -> None:
+    """A str value is its UTF-8 bytes to RESP; a bytes value its bytes; a str key and its
+    UTF-8 bytes are one key."""
+    with KvsClient((server.host, server.port)) as c:
+        c.set("text", "héllo ✓")
+        c.set(b"bin\xff", b"\x00\x01\xff")
+        c.set("caf\u00e9", "v")
+    replies = raw_exchange(server.port, command("GET", "text") + command("GET", b"bin\xff")
+                           + command("GET", "café".encode()), 3)
+    assert replies == ["héllo ✓".encode(), b"\x00\x01\xff", b"v"]
+    raw_exchange(server.port, command("SET", "from-resp", b"\xff\x00"), 1)
+    with KvsClient((server.host, server.port)) as c:
+        assert c.get("from-resp") == b"\xff\x00" and c.get(b"from-resp") == b"\xff\x00"
 
 
 def test_inline_commands_and_quit(server: RunningServer) -> None:
@@ -180,7 +218,7 @@ def test_value_written_over_resp_is_read_with_kvs_client_and_back(server: Runnin
         r.set("mixed", "from resp")
         out = subprocess.run([str(BIN / "kvs-client"), "get", "mixed", "--addr", addr],
                              capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0 and out.stdout == "from resp\n"
+        assert out.returncode == 0 and out.stdout == "from resp"  # stored as bytes: written unchanged
         out = subprocess.run([str(BIN / "kvs-client"), "set", "mixed", "from kvs-client", "--addr", addr],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0
@@ -215,8 +253,8 @@ def test_protocols_can_be_turned_off(tmp_path: Path) -> None:
 def test_one_whole_get_or_set_is_answered_exactly_as_by_the_general_path(tmp_path: Path) -> None:
     """RespSession.handle answers one whole GET or SET itself (no feed, no batch, no loop):
     its replies, its command count and what it stores are those of the general path, for
-    hits, misses, case variants, non-UTF-8 and over-limit arguments, options and a closed
-    store."""
+    hits, misses, case variants, binary (non-UTF-8) and over-limit arguments, options and a
+    closed store."""
     from kvs.resp import RespDecoder
     from kvs.server.resp_session import RespSession
 
@@ -233,7 +271,7 @@ def test_one_whole_get_or_set_is_answered_exactly_as_by_the_general_path(tmp_pat
         want = general.execute(RespDecoder().feed(data))
         assert fast.handle(data) == want, data
     assert fast.commands == general.commands == len(cases)
-    assert engine.get("k") == "w" and engine.get("") == ""
+    assert engine.get("k") == b"\xfe" and engine.get("") == b"" and engine.get(b"k\xff") == b"v"
     engine.close()
     for data in (command("GET", "k"), command("SET", "k", "v")):
         want = general.execute(RespDecoder().feed(data))

@@ -21,11 +21,14 @@ from kvs.client import KvsClient
 from kvs.engine.base import FsyncPolicy, KvsEngine
 from kvs.errors import KeyNotFoundError, KvsError
 from kvs.protocol import (
+    FLAG_TTL,
     REQUEST_MAGIC,
+    Op,
     ResponseDecoder,
     Status,
     encode_get,
     encode_ping,
+    encode_remove,
     encode_set,
 )
 from kvs.server import KvsServer
@@ -196,7 +199,7 @@ def test_1000_idle_connections_do_not_block_a_new_client(tmp_path: Path, pool: s
                 assert p.results() == [x for i in range(100) for x in (None, str(i))]
             # the idle ones are still open and still work
             for s in idle[1:50:7]:
-                s.sendall(encode_ping())
+                s.sendall(encode_ping(version=1))  # a version 1 client gets the version 1 PONG
                 assert s.recv(64) == b"\xcc\x01\x03\x00\x00\x00\x00\x00"
         finally:
             for s in idle:
@@ -533,7 +536,7 @@ def test_half_sent_frame_is_closed_after_frame_timeout(tmp_path: Path) -> None:
         stalled = connect(addr)
         try:
             idle.set("k", "v")
-            frame = encode_set("key", "value")
+            frame = encode_set("key", "value", version=1)
             stalled.sendall(frame[:7])  # half a header
             assert read_until_closed(stalled) == b""
             # the idle connection has now been idle longer than frame_timeout: still served
@@ -561,7 +564,7 @@ def test_a_client_that_keeps_completing_requests_is_not_a_stall(tmp_path: Path) 
     (its writes end halfway through the next one) is making progress: it outlives
     frame_timeout several times over."""
     with server_stack(tmp_path, frame_timeout=0.5) as server:
-        frame = encode_set("key", "value")
+        frame = encode_set("key", "value", version=1)
         ok = b"\xcc\x01\x00\x00\x00\x00\x00\x00"
         with connect(server.address) as s:
             s.sendall(frame[:10])
@@ -741,3 +744,178 @@ def test_unknown_scheduling_mode_is_a_kvs_error(tmp_path: Path) -> None:
     with opened_engine("kvs", tmp_path / "d") as engine, started_pool("shared-queue", 1) as pool:
         with pytest.raises(KvsError, match="unknown scheduling mode 'fifo'"):
             KvsServer(engine, pool, ("127.0.0.1", 0), scheduling="fifo")
+
+
+# ------------------------------------------------------------------------------ protocol version 1
+
+
+def _v1_raw(op: int, key: bytes = b"", value: bytes = b"", flags: int = 0) -> bytes:
+    """A version-1 request frame as bytes, malformed ones included."""
+    return struct.pack(">BBBBII", REQUEST_MAGIC, 1, op, flags, len(key), len(value)) + key + value
+
+
+def _exchange(addr: tuple[str, int], stream: bytes) -> bytes:
+    """Everything the server answers to ``stream`` sent in one write, the write side then
+    shut (the server answers it all and closes)."""
+    with connect(addr) as s:
+        s.sendall(stream)
+        s.shutdown(socket.SHUT_WR)
+        return read_until_closed(s)
+
+
+# What kvs 0.1.0 (version 1 only) answered to _V1_SESSION, byte for byte: captured from the 0.1.0
+# server (commit 281a1a9's kvs/) for this very stream.
+_V1_SESSION = [
+    (encode_set("k", "é", version=1), b"\xcc\x01\x00\x00\x00\x00\x00\x00"),
+    (encode_set("", "", version=1), b"\xcc\x01\x00\x00\x00\x00\x00\x00"),  # three SETs: a pipelined run
+    (encode_set("ключ", "значение", version=1), b"\xcc\x01\x00\x00\x00\x00\x00\x00"),
+    (encode_get("k", version=1), b"\xcc\x01\x01\x00\x00\x00\x00\x02\xc3\xa9"),
+    (encode_get("", version=1), b"\xcc\x01\x01\x00\x00\x00\x00\x00"),
+    (encode_get("ключ", version=1), b"\xcc\x01\x01\x00\x00\x00\x00\x10" + "значение".encode()),
+    (encode_get("missing", version=1), b"\xcc\x01\x02\x00\x00\x00\x00\x00"),
+    (encode_remove("k", version=1), b"\xcc\x01\x00\x00\x00\x00\x00\x00"),
+    (encode_remove("k", version=1), b"\xcc\x01\x02\x00\x00\x00\x00\x00"),
+    (encode_ping(version=1), b"\xcc\x01\x03\x00\x00\x00\x00\x00"),
+    (_v1_raw(9, b"k"), b"\xcc\x01\x04\x00\x00\x00\x00\x16unknown operation 0x09"),
+    (_v1_raw(2, b"a", flags=1), b"\xcc\x01\x04\x00\x00\x00\x00\x27reserved flags byte must be 0, got 0x01"),
+    (_v1_raw(2, b"a", flags=4), b"\xcc\x01\x04\x00\x00\x00\x00\x27reserved flags byte must be 0, got 0x04"),
+    (_v1_raw(2, b"a", b"v"), b"\xcc\x01\x04\x00\x00\x00\x00\x12GET takes no value"),
+    (_v1_raw(2, b"\xff"), b"\xcc\x01\x04\x00\x00\x00\x00\x16key is not valid UTF-8"),
+    (_v1_raw(3, b"k", b"\xff"), b"\xcc\x01\x04\x00\x00\x00\x00\x18value is not valid UTF-8"),
+    (encode_get("k", version=1), b"\xcc\x01\x02\x00\x00\x00\x00\x00"),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("engine", ["kvs", "sqlite"])
+def test_a_version_1_client_gets_the_0_1_0_replies_byte_for_byte(tmp_path: Path, engine: str) -> None:
+    """A raw version-1 client (frames as 0.1.0 sent them) gets exactly the bytes 0.1.0 sent
+    back: OK/VALUE/NOT_FOUND/PONG and the ERROR texts, all in version 1, whether the stream
+    comes in one write (a pipelined SET run included) or one frame at a time."""
+    stream = b"".join(frame for frame, _ in _V1_SESSION)
+    expected = b"".join(reply for _, reply in _V1_SESSION)
+    with server_stack(tmp_path, engine=engine) as server:
+        assert _exchange(server.address, stream) == expected
+        with connect(server.address) as s:  # request by request: each reply alone
+            for frame, reply in _V1_SESSION:
+                s.sendall(frame)
+                got = b""
+                while len(got) < len(reply):
+                    chunk = s.recv(len(reply) - len(got))
+                    assert chunk, "the server closed the connection"
+                    got += chunk
+                assert got == reply
+        with KvsClient(server.address) as c:  # what version 1 stored, version 2 reads as text
+            assert c.get("ключ") == "значение" and c.get("") == "" and c.get("k") is None
+
+
+def test_version_1_fatal_is_answered_in_version_1_after_the_replies(tmp_path: Path) -> None:
+    """A version-1 stream that cannot be framed (an unknown version byte) gets its earlier
+    replies, then one version-1 FATAL, then the close."""
+    with server_stack(tmp_path) as server:
+        got = _exchange(server.address, encode_ping(version=1) + b"\xcb\x03" + b"\x00" * 10)
+        fatal = b"unsupported protocol version 3 (this side speaks versions 1 and 2)"
+        assert got == b"\xcc\x01\x03\x00\x00\x00\x00\x00" + b"\xcc\x01\x05\x00" + struct.pack(">I", len(fatal)) + fatal
+        got = _exchange(server.address, encode_ping() + b"\x00" * 12)  # after a version-2 frame: still version 1
+        assert got[:12] == b"\xcc\x02\x03\x00\x00\x00\x00\x00\xcc\x01\x05\x00"
+        server_answers(server.address)
+
+
+@pytest.mark.parametrize("engine", ["kvs", "sqlite"])
+def test_version_1_get_of_a_bytes_value_gets_its_text_or_an_error(tmp_path: Path, engine: str) -> None:
+    """Values stored as bytes (version 2, RESP): a version-1 GET gets the text that UTF-8
+    bytes encode, and for other bytes one ERROR saying why; the connection goes on."""
+    with server_stack(tmp_path, engine=engine) as server, KvsClient(server.address) as c:
+        c.set("utf8", "café".encode())
+        c.set(b"caf\xc3\xa9", b"\xff\x00binary")  # the bytes key of the text key "café"
+        c.set("empty", b"")
+        with connect(server.address) as s:
+            s.sendall(encode_get("utf8", version=1) + encode_get("café", version=1) + encode_get("empty", version=1)
+                      + encode_ping(version=1))
+            responses = ResponseDecoder().feed(_recv_frames(s, 4))
+        assert [r.status for r in responses] == [Status.VALUE, Status.ERROR, Status.VALUE, Status.PONG]
+        assert responses[0].value == "café" and responses[2].value == ""
+        message = responses[1].value
+        assert isinstance(message, str) and "\n" not in message
+        assert "not valid UTF-8" in message and "version 2" in message
+        got = _exchange(server.address, encode_get("utf8", version=1) + encode_get("café", version=1))
+        assert got.startswith(b"\xcc\x01\x01\x00\x00\x00\x00\x05caf\xc3\xa9\xcc\x01\x04\x00")  # version 1, both
+        assert c.get("café") == b"\xff\x00binary"  # the value itself is untouched; version 2 reads it
+        assert c.get("utf8") == "café".encode()
+
+
+def _recv_frames(s: socket.socket, count: int) -> bytes:
+    """The bytes of the next ``count`` response frames on ``s``."""
+    data = b""
+    pos = 0
+    for _ in range(count):
+        while len(data) < pos + 8:
+            data += _recv_some(s)
+        end = pos + 8 + struct.unpack_from(">I", data, pos + 4)[0]
+        while len(data) < end:
+            data += _recv_some(s)
+        pos = end
+    assert len(data) == pos, "more bytes than the frames expected"
+    return data
+
+
+def _recv_some(s: socket.socket) -> bytes:
+    chunk = s.recv(65536)
+    assert chunk, "the server closed the connection"
+    return chunk
+
+
+def test_version_1_and_2_frames_interleaved_are_each_answered_in_their_version(tmp_path: Path) -> None:
+    """On one connection, each request's reply has its frame's version, in request order:
+    the set_many run of mixed-version SETs, TTL SETs, bytes, errors and all."""
+    v2_bad = struct.pack(">BBBBII", REQUEST_MAGIC, 2, Op.GET, FLAG_TTL, 1, 0) + struct.pack(">Q", 5) + b"k"
+    session = [
+        (encode_set("a", "1", version=1), b"\xcc\x01\x00\x00\x00\x00\x00\x00"),
+        (encode_set("b", b"\x00\xff"), b"\xcc\x02\x00\x00\x00\x00\x00\x00"),
+        (encode_set("c", "3", version=1), b"\xcc\x01\x00\x00\x00\x00\x00\x00"),
+        (encode_set("t", "ttl", ttl_ms=600_000), b"\xcc\x02\x00\x00\x00\x00\x00\x00"),
+        (encode_set("u", "4", version=1), b"\xcc\x01\x00\x00\x00\x00\x00\x00"),
+        (encode_get("a"), b"\xcc\x02\x01\x00\x00\x00\x00\x011"),
+        (encode_get("a", version=1), b"\xcc\x01\x01\x00\x00\x00\x00\x011"),
+        (encode_get("b"), b"\xcc\x02\x01\x02\x00\x00\x00\x02\x00\xff"),
+        (encode_get("t", version=1), b"\xcc\x01\x01\x00\x00\x00\x00\x03ttl"),
+        (encode_get(b"u"), b"\xcc\x02\x01\x00\x00\x00\x00\x014"),  # a bytes key finds the text key's value
+        (encode_ping(version=1), b"\xcc\x01\x03\x00\x00\x00\x00\x00"),
+        (encode_ping(), b"\xcc\x02\x03\x00\x00\x00\x00\x00"),
+        (_v1_raw(9), b"\xcc\x01\x04\x00\x00\x00\x00\x16unknown operation 0x09"),
+        (v2_bad, b"\xcc\x02\x04\x00\x00\x00\x00\x10GET takes no TTL"),
+        (encode_remove("missing", version=1), b"\xcc\x01\x02\x00\x00\x00\x00\x00"),
+        (encode_remove("missing"), b"\xcc\x02\x02\x00\x00\x00\x00\x00"),
+        (encode_remove("a", version=1), b"\xcc\x01\x00\x00\x00\x00\x00\x00"),
+        (encode_get("a"), b"\xcc\x02\x02\x00\x00\x00\x00\x00"),
+    ]
+    stream = b"".join(frame for frame, _ in session)
+    with server_stack(tmp_path) as server:
+        assert _exchange(server.address, stream) == b"".join(reply for _, reply in session)
+        with KvsClient(server.address) as c:  # the TTL SET stored its TTL
+            assert c.get("t") == "ttl" and c.get("a") is None
+
+
+def test_a_version_2_client_against_a_0_1_0_server_gets_a_kvs_error_saying_so(tmp_path: Path) -> None:
+    """kvs 0.1.0 answers a version-2 frame with this version-1 FATAL (captured from it) and
+    closes: the client raises one KvsError that names the cause."""
+    fatal_0_1_0 = b"\xcc\x01\x05\x00\x00\x00\x00\x3bunsupported protocol version 2 (this side speaks version 1)"
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        addr = listener.getsockname()
+
+        def old_server() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(DEADLINE)
+                conn.recv(1024)
+                conn.sendall(fatal_0_1_0)
+
+        t = threading.Thread(target=old_server, daemon=True)
+        t.start()
+        with KvsClient(addr, timeout=DEADLINE) as c, pytest.raises(KvsError) as info:
+            c.get("k")
+        t.join(DEADLINE)
+    assert str(info.value) == ("the server speaks only protocol version 1 (kvs 0.1.0): "
+                               "unsupported protocol version 2 (this side speaks version 1)")

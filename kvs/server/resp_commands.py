@@ -6,14 +6,20 @@ it (the name included; negative: at least that many), its flags and key position
 ``handler(session, args) -> reply bytes``. :func:`run_command` checks the name and the arity
 for every handler, so a handler sees only calls with a valid argument count. A handler may
 raise: ``RespSession`` turns the exception into the command's error reply (a ``KvsError``
-its message, a ``UnicodeDecodeError`` a "not valid UTF-8" error, anything else an
-internal error), so one command's failure never costs the connection. Adding a command is
+its message, anything else an internal error), so one command's failure never costs the
+connection. Adding a command is
 adding an entry (and its handler) here; connections and sessions do not change.
 
 GET and SET are defined here too (:func:`get_value`, :func:`set_value`), once:
 ``RespSession`` calls them directly on its fast paths (a single whole GET or SET, and the
 commands of a pipelined batch), without the table lookup, and stores pipelined runs of plain
 SETs with one ``set_many``.
+
+Keys and values are what the client sent: bulk strings go to the engine as ``bytes``, as
+they came off the wire (any bytes, NUL and invalid UTF-8 included: no decoding, no refusal),
+so SET stores a bytes value under a bytes key. GET answers a value's bytes whatever its
+type: a value another client stored as ``str`` (the kvs protocol, the library) is its
+UTF-8 bytes, and ``b"k"`` and ``"k"`` are one key in every engine.
 
 Semantics follow Redis's documentation for what is supported:
 
@@ -76,17 +82,18 @@ class RespCommand(NamedTuple):
 
 # ------------------------------------------------------------------ GET and SET: the one definition
 def get_value(session: RespSession, args: list[bytes]) -> bytes:
-    """``GET key``: the value as a bulk string, or the session's null."""
-    value = session.engine.get(args[1].decode())
+    """``GET key``: the value's bytes as a bulk string (a ``str`` value's UTF-8), or the
+    session's null."""
+    value = session.engine.get(args[1])
     if value is None:
         return session.null
-    value_bytes = value.encode()
-    return b"$%d\r\n%b\r\n" % (len(value_bytes), value_bytes)  # bulk(value), inline
+    raw = value.encode() if isinstance(value, str) else value
+    return b"$%d\r\n%b\r\n" % (len(raw), raw)  # bulk(value), inline
 
 
 def set_value(session: RespSession, args: list[bytes]) -> bytes:
-    """``SET key value``: store, ``+OK``."""
-    session.engine.set(args[1].decode(), args[2].decode())
+    """``SET key value``: store the value's bytes under the key's bytes, ``+OK``."""
+    session.engine.set(args[1], args[2])
     return OK
 
 
@@ -108,7 +115,7 @@ def _del(session: RespSession, args: list[bytes]) -> bytes:
     removed = 0
     for key in args[1:]:
         try:
-            engine.remove(text(key, "key"))
+            engine.remove(key)
             removed += 1
         except KeyNotFoundError:
             pass
@@ -117,7 +124,7 @@ def _del(session: RespSession, args: list[bytes]) -> bytes:
 
 def _exists(session: RespSession, args: list[bytes]) -> bytes:
     engine = session.engine
-    return integer(sum(engine.get(text(k, "key")) is not None for k in args[1:]))
+    return integer(sum(k in engine for k in args[1:]))
 
 
 def _ping(_session: RespSession, args: list[bytes]) -> bytes:
@@ -283,19 +290,6 @@ def run_command(session: RespSession, name: bytes, args: list[bytes]) -> bytes:
     if (arity > 0 and argc != arity) or (arity < 0 and argc < -arity):
         return error(f"wrong number of arguments for '{name.decode()}' command")
     return command.handler(session, args)
-
-
-def not_utf8(what: str) -> str:
-    """The error message for a key or value that is not UTF-8."""
-    return f"{what} is not valid UTF-8 (kvs stores UTF-8 text)"
-
-
-def text(raw: bytes, what: str) -> str:
-    """``raw`` decoded as UTF-8; ``KvsError`` naming ``what`` when it is not."""
-    try:
-        return raw.decode()
-    except UnicodeDecodeError:
-        raise KvsError(not_utf8(what)) from None
 
 
 share_module_globals(globals())

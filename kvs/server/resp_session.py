@@ -7,8 +7,8 @@ directly (:func:`~kvs.server.resp_commands.get_value` and
 SETs with one ``set_many``, everything else through the command table
 (:func:`~kvs.server.resp_commands.run_command`); ``resp_commands`` documents the commands.
 
-Keys and values are UTF-8 text in kvs while Redis bulk strings are binary: a key or value
-that is not valid UTF-8 gets ``-ERR`` and nothing is stored. Protocol errors are fatal as in
+Keys and values are stored as the bytes the client sent (``resp_commands``: no decoding,
+so any bytes are accepted and the fast paths do no work on them). Protocol errors are fatal as in
 Redis: ``-ERR Protocol error: ...`` then the connection is closed. Like ``KvsSession``, a
 session is used by one thread at a time and never raises for what a client sends.
 """
@@ -22,7 +22,7 @@ from kvs.engine.base import KvsEngine
 from kvs.errors import KvsError, ProtocolError
 from kvs.freethreading import share_attributes, share_module_globals
 from kvs.resp import NULL_BULK, OK, RespDecoder, error
-from kvs.server.resp_commands import get_value, is_plain_set, not_utf8, run_command, set_value
+from kvs.server.resp_commands import get_value, is_plain_set, run_command, set_value
 from kvs.server.sessions import DecodingSession, ServerFacts, run_end
 
 log = logging.getLogger("kvs.server")
@@ -64,13 +64,13 @@ class RespSession(DecodingSession):
             try:
                 return get_value(self, args)
             except Exception as exc:
-                return self._failure(args, exc)
+                return self._failure(exc)
         if argc == 3 and (name == b"SET" or name == b"set"):
             self.commands += 1
             try:
                 return set_value(self, args)
             except Exception as exc:
-                return self._failure(args, exc)
+                return self._failure(exc)
         return self.execute([args])
 
     def execute(self, items: list[Any]) -> bytes:
@@ -99,11 +99,7 @@ class RespSession(DecodingSession):
                     # A pipelined run of SETs: one engine write for all of them.
                     end = run_end(commands, i + 1, is_plain_set)
                     run = commands[i - 1:end]
-                    try:
-                        pairs = [(a[1].decode(), a[2].decode()) for a in run]
-                    except UnicodeDecodeError:
-                        pairs = None
-                    if pairs is not None and self.store_run(pairs):
+                    if self.store_run([(a[1], a[2]) for a in run]):
                         executed += len(run) - 1
                         out += [OK] * len(run)
                         i = end
@@ -119,28 +115,18 @@ class RespSession(DecodingSession):
                     if self.closing:  # after QUIT nothing more is executed
                         break
             except Exception as exc:
-                append(self._failure(args, exc))
+                append(self._failure(exc))
         self.commands = executed
         return b"".join(out)
 
-    def _failure(self, args: list[bytes], exc: Exception) -> bytes:
-        """The error reply of a command that raised ``exc``. A ``UnicodeDecodeError`` comes
-        from GET or SET decoding its key, else its value; a bug costs one command, never the
-        connection or the server."""
-        if isinstance(exc, UnicodeDecodeError):
-            return error(not_utf8("value" if _decodes(args[1]) else "key"))
+    def _failure(self, exc: Exception) -> bytes:
+        """The error reply of a command that raised ``exc``: a ``KvsError``'s message (a key
+        or value over the size limits); a bug costs one command, never the connection or
+        the server."""
         if isinstance(exc, KvsError):
             return error(str(exc))
         log.error("internal error serving RESP client %s", self.peer, exc_info=exc)
         return error("internal server error")
-
-
-def _decodes(raw: bytes) -> bool:
-    try:
-        raw.decode()
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 share_module_globals(globals())
