@@ -51,6 +51,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kvs.engine import hints, positions, record, segments
+from kvs.engine.callbacks import CallbackGuard
 from kvs.engine.clock import Clock
 from kvs.engine.datadir import fsync_dir
 from kvs.engine.positions import EXPIRES, KEY_BYTES, MAX_RECORD_LENGTH
@@ -77,6 +78,8 @@ class Compaction:
     _stripes: list[dict[str, int]]
     _expires: list[dict[str, int]]
     _clock: Clock
+    _guard: CallbackGuard
+    _callers: dict[int, int]
     _stripe_locks: list[threading.Lock]
     _segments: dict[int, Segment]
     _by_fd: dict[int, Segment]
@@ -161,6 +164,8 @@ class Compaction:
         A failure (no descriptor left, a full disk, ...) raises ``KvsError`` and loses no
         record: each one is still in an input or an output segment, and the next compaction
         merges both."""
+        if self._callers:  # from update()'s function: it holds a stripe lock compaction needs
+            self._guard.check()
         with self._compact_lock:
             self._check_open()
             try:

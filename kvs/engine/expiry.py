@@ -168,10 +168,10 @@ class Expiry:
                 log.exception("%s: expiry sweep failed", self.path)
 
     # ------------------------------------------------------------------ public API
-    def _deadline_of(self, key: object) -> int | None:
+    def _deadline_of(self, key: object, now: int | None = None) -> int | None:
         """The deadline of a present, unexpired ``key`` (None: persistent);
-        ``KeyNotFoundError`` when absent or expired. Under the key's stripe lock, so never a
-        transaction's pending entry."""
+        ``KeyNotFoundError`` when absent or expired at ``now`` (default: the clock). Under the
+        key's stripe lock, so never a transaction's pending entry."""
         self._check_open()
         if self._callers:
             self._guard.check()
@@ -185,7 +185,7 @@ class Expiry:
             if pos >= 0:  # no EXPIRES flag
                 return None
             deadline = self._expires[i][ikey]
-        if deadline <= self._clock():
+        if deadline <= (self._clock() if now is None else now):
             raise KeyNotFoundError(key)
         return deadline
 
@@ -197,7 +197,8 @@ class Expiry:
     def ttl(self, key: object) -> float | None:
         """Seconds until ``key`` expires; None if it is persistent; ``KeyNotFoundError`` if it
         is absent."""
-        return remaining_seconds(self._deadline_of(key), self._clock())
+        now = self._clock()  # one reading: a key judged live has a positive ttl
+        return remaining_seconds(self._deadline_of(key, now), now)
 
     def expire_at(self, key: object, unix_ms: int | None) -> bool:
         """Give ``key`` the deadline ``unix_ms`` (a past one removes it at once, as Redis's

@@ -590,11 +590,24 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
         if pos is None:
             return False
         if pos < 0:
+            # The deadline entry may be gone: the sweep expiring the key, or a writer replacing
+            # it. Ask under the stripe lock, where the index and the deadlines agree.
             try:
-                return bool(self._expires[i][ikey] > self._clock())
-            except KeyError:  # a writer is replacing the key's deadline right now
-                return True
+                deadline = self._expires[i][ikey]
+            except KeyError:
+                return self._contains_locked(i, ikey)
+            return bool(deadline > self._clock())
         return True
+
+    def _contains_locked(self, i: int, ikey: str) -> bool:
+        """``__contains__`` for a key found with a deadline that is gone when looked up: the
+        sweep expiring it, or a writer replacing it. Under the stripe lock the index and the
+        deadlines agree."""
+        with self._stripe_locks[i]:
+            if ikey not in self._stripes[i]:
+                return False
+            deadline = self._expires[i].get(ikey)
+            return deadline is None or deadline > self._clock()
 
     @property
     def fsync(self) -> FsyncPolicy:
@@ -690,6 +703,8 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
     def close(self) -> None:
         """Stop the background threads, flush, release the directory. Idempotent; calls
         that race with ``close`` may fail with ``KvsError``, later ones always do."""
+        if self._callers:  # from a callback: closing would wait on the locks it holds
+            self._guard.check()
         with self._close_lock:
             if self._closed:
                 return

@@ -1,6 +1,6 @@
 """The mapping protocol of every engine: ``collections.abc.MutableMapping`` on top of the
-engine's own ``get``, ``set``, ``remove``, ``scan``, ``__contains__``, ``__len__`` and
-``clear``.
+engine's own ``get``, ``set``, ``remove``, ``scan``, ``transaction``, ``__contains__``, ``__len__``
+and ``clear``.
 
 ``store[k]`` is ``get`` raising ``KeyError`` (a ``KeyNotFoundError``) for an absent key;
 ``store[k] = v`` is ``set``; ``del store[k]`` is ``remove``. Iteration is a full ``scan``
@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from kvs.errors import KeyNotFoundError
 
+_MISSING: Any = object()
+
 ITER_BATCH = 512
 """Keys asked of each ``scan`` call by iteration."""
 
@@ -37,6 +39,7 @@ class EngineMapping(MutableMapping[Any, Any]):
     if TYPE_CHECKING:
         def set(self, key: Any, value: Any, *, ttl: float | None = None) -> None: ...
         def remove(self, key: Any) -> None: ...
+        def transaction(self, keys: Any) -> Any: ...
         def scan(self, cursor: int = 0, *, match: str | bytes | None = None,
                  count: int = 10) -> tuple[int, list[Any]]: ...
 
@@ -59,6 +62,23 @@ class EngineMapping(MutableMapping[Any, Any]):
             yield from keys
             if cursor == 0:
                 return
+
+    def pop(self, key: Any, default: Any = _MISSING) -> Any:
+        """Remove ``key`` and return its value, atomically (one transaction over the key: a
+        concurrent writer or the key's expiry cannot come between the read and the removal,
+        as it could in ``MutableMapping.pop``); ``default``, or ``KeyError``, when absent."""
+        with self.transaction([key]) as tx:
+            value = tx.get(key)
+            if value is not None:
+                try:
+                    tx.remove(key)
+                except KeyNotFoundError:  # its deadline passed between the two: it was absent
+                    value = None
+        if value is None:
+            if default is _MISSING:
+                raise KeyNotFoundError(key if isinstance(key, str) else None)
+            return default
+        return value
 
     def keys(self) -> KeysView[Any]:
         return KeysView(self)

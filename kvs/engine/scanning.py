@@ -153,11 +153,14 @@ class Scanning:
                     if pos is None:
                         continue
                 if pos < 0:  # positions.EXPIRES
-                    try:
-                        if expires[ikey] <= now:
-                            continue
-                    except KeyError:
-                        pass
+                    deadline = expires.get(ikey)
+                    if deadline is None:  # being expired or rewritten: ask under the stripe lock
+                        with self._stripe_locks[i]:
+                            if stripe.get(ikey) is None:
+                                continue
+                            deadline = expires.get(ikey)
+                    if deadline is not None and deadline <= now:
+                        continue
                 key: str | bytes = ikey.encode("utf-8", "surrogateescape") if _flags(pos) & _KEY_BYTES else ikey
                 if matches is not None and not matches(key if type(key) is bytes else ikey.encode()):
                     continue

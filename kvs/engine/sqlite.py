@@ -158,7 +158,7 @@ from kvs.engine.callbacks import CallbackGuard
 from kvs.engine.clock import Clock, wall_clock_ms
 from kvs.engine.datadir import DataDir, fsync_dir
 from kvs.engine.mapping import EngineMapping
-from kvs.engine.transaction import Current, Staged, TransactionView, apply_update, declare
+from kvs.engine.transaction import Current, Staged, TransactionView, apply_update, declare, pairs
 from kvs.engine.values import (
     check_deadline,
     key_bytes,
@@ -737,7 +737,7 @@ class SqliteKvsEngine(EngineMapping):
         the batch). Every pair is checked first: a bad one raises and nothing is stored."""
         self._check()
         rows = []
-        for key, value in items:
+        for key, value in pairs(items):
             kb, key_is_bytes = key_bytes(key, self._max_key_bytes)
             vb, value_is_bytes = value_bytes(value, self._max_value_bytes)
             rows.append((kb, vb, self._flags(value_is_bytes, key_is_bytes)))
@@ -762,15 +762,16 @@ class SqliteKvsEngine(EngineMapping):
             self._rows += added
             self._writes += len(rows)
 
-    def _lookup(self, key: object) -> tuple[bytes, int, int | None] | None:
-        """The live row of ``key`` on the reader: ``(value, flags, expires)``, or None."""
+    def _lookup(self, key: object, now: int | None = None) -> tuple[bytes, int, int | None] | None:
+        """The live row of ``key`` on the reader at ``now`` (default: the clock):
+        ``(value, flags, expires)``, or None."""
         kb, _is_bytes = key_bytes(key, self._max_key_bytes)
         rows = self._read(_SQL_GET, (kb,), "get")
         if not rows:
             return None
         row = rows[0]
         expires = row[2]
-        if expires is not None and expires <= self._clock():
+        if expires is not None and expires <= (self._clock() if now is None else now):
             return None
         return row  # type: ignore[no-any-return]
 
@@ -980,10 +981,11 @@ class SqliteKvsEngine(EngineMapping):
     def ttl(self, key: object) -> float | None:
         """Seconds until ``key`` expires, None if persistent; ``KeyNotFoundError`` if absent."""
         self._check()
-        row = self._lookup(key)
+        now = self._clock()  # one reading: a key judged live has a positive ttl
+        row = self._lookup(key, now)
         if row is None:
             raise KeyNotFoundError(key if isinstance(key, str) else None)
-        return remaining_seconds(row[2], self._clock())
+        return remaining_seconds(row[2], now)
 
     def purge_expired(self) -> int:
         """Run one expiry sweep now: delete every key whose deadline has passed; how many."""

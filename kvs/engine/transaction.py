@@ -67,11 +67,31 @@ def declare(keys: Iterable[object], max_key: int) -> dict[str, tuple[bytes, bool
     key, not an iterable of characters."""
     if isinstance(keys, str | bytes | bytearray | memoryview):
         keys = [keys]
+    try:
+        keys = list(keys)
+    except TypeError:
+        raise TypeError(f"transaction needs a key or an iterable of keys, not {type(keys).__name__}") from None
     declared: dict[str, tuple[bytes, bool]] = {}
     for key in keys:
         kb, is_bytes = key_bytes(key, max_key)
         declared[index_key(kb, is_bytes, key)] = (kb, is_bytes)
     return declared
+
+
+def pairs(items: object) -> list[tuple[object, object]]:
+    """``set_many``'s argument as a list of ``(key, value)`` pairs; ``TypeError`` saying what
+    is wrong with it otherwise (before anything is checked or written)."""
+    try:
+        listed: list[tuple[object, object]] = list(items)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"set_many needs an iterable of (key, value) pairs, not {type(items).__name__}") from None
+    for n, item in enumerate(listed):
+        if not isinstance(item, tuple | list) or len(item) != 2:
+            what = type(item).__name__
+            if isinstance(item, tuple | list):
+                what = f"a {len(item)}-item {what}"
+            raise TypeError(f"set_many needs (key, value) pairs; item {n} is {what}")
+    return listed
 
 
 def apply_update(fn: Callable[[ValueType | None], object], old: ValueType | None) -> object:

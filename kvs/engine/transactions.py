@@ -58,7 +58,7 @@ from kvs.engine import positions, record
 from kvs.engine.callbacks import CallbackGuard
 from kvs.engine.clock import Clock
 from kvs.engine.segment_log import Segment
-from kvs.engine.transaction import Current, Staged, TransactionView, declare
+from kvs.engine.transaction import Current, Staged, TransactionView, declare, pairs
 from kvs.engine.values import index_key, key_bytes, value_bytes
 from kvs.errors import KvsError
 from kvs.freethreading import mark_shared, mark_shared_str, share_module_globals
@@ -156,6 +156,7 @@ class Transactions:
         server uses it for runs of pipelined SETs."""
         if self._callers:
             self._guard.check()
+        items = pairs(items)
         if len(items) == 1:
             key, value = items[0]
             self.set(key, value)  # type: ignore[attr-defined]
