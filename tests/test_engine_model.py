@@ -62,8 +62,8 @@ values = st.one_of(
     st.text(st.characters(exclude_categories=["Cs"]), max_size=20),
     st.binary(max_size=40).map(bytearray),
 )
-ttls = st.sampled_from([0.0004, 0.001, 0.25, 1, 2, 1.5, 3.0007, 10, 3600])
-maybe_ttls = st.none() | ttls
+ttls = st.sampled_from([0.0004, 0.001, 0.25, 1, 1.5, 2, 3.0007, 10, 60, 3600])
+maybe_ttls = st.none() | ttls | ttls  # mostly with a TTL: deadlines to cross
 PATTERNS: list[str | bytes | None] = [
     None, "*", "a*", "caf*", "caf?", "caf??", "?", "", b"\x00*", b"\xff", "k*z", "*a*", "[ab]", "*\x00*",
 ]
@@ -339,7 +339,7 @@ class EngineMachine(RuleBasedStateMachine):
         assert self.store.expire(key, ttl) is expected
         self.check_key(key)
 
-    @rule(key=keys, delta=st.none() | st.integers(-2000, 8000))
+    @rule(key=keys, delta=st.none() | st.integers(-2000, 8000) | st.sampled_from([0, 1, 60_000]))
     def expire_at(self, key: Any, delta: int | None) -> None:
         unix_ms = None if delta is None else self.clock() + delta
         expected = self.model.expire_at(key, unix_ms)
@@ -421,15 +421,15 @@ class EngineMachine(RuleBasedStateMachine):
         assert len(self.store) == len(live)
 
     # ------------------------------------------------------------------ time
-    @rule(ms=st.sampled_from([1, 250, 999, 1000, 1500, 3000, 10_000]))
-    def advance(self, ms: int) -> None:
-        self.clock.set(self.clock() + ms)
-
-    @precondition(lambda self: any(e.deadline is not None for e in self.model.live_entries()))
-    @rule(data=st.data(), offset=st.sampled_from([-1, 0]))
-    def advance_to_deadline(self, data: st.DataObject, offset: int) -> None:
-        """Move the clock to just before (-1) or exactly onto (0) a live key's deadline."""
+    @rule(data=st.data(), ms=st.sampled_from([1, 250, 999, 1000, 1500, 3000, 10_000]),
+          to_deadline=st.booleans(), offset=st.sampled_from([-1, 0]))
+    def advance(self, data: st.DataObject, ms: int, to_deadline: bool, offset: int) -> None:
+        """Move the clock ``ms`` on, or (``to_deadline``, when a live key has a deadline) to
+        just before (-1) or exactly onto (0) a live key's deadline."""
         entries = sorted((e for e in self.model.live_entries() if e.deadline is not None), key=repr)
+        if not (to_deadline and entries):
+            self.clock.set(self.clock() + ms)
+            return
         entry = data.draw(st.sampled_from(entries))
         assert entry.deadline is not None
         self.clock.set(entry.deadline + offset)

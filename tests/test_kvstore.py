@@ -90,7 +90,7 @@ def segment_paths(path: Path) -> list[Path]:
 
 def record_offsets(seg: Path) -> list[tuple[int, int]]:
     """``(offset, length)`` of every record of the segment file ``seg``."""
-    return [(off, n) for off, _op, _key, n in record.scan(seg.read_bytes(), 1 << 30)]
+    return [(off, n) for off, _op, _flags, _deadline, _key, n in record.scan(seg.read_bytes(), 1 << 30)]
 
 
 def flip_byte(path: Path, offset: int) -> None:
@@ -644,7 +644,7 @@ def test_space_allocated_ahead_is_cut_quietly_after_an_unclean_exit(tmp_path: Pa
     newest = segment_paths(tmp_path)[-1]
     records_end = 0
     with pytest.raises(record.CorruptRecord, match="unknown operation 0"):
-        for off, _op, _key, n in record.scan(newest.read_bytes(), 1 << 30):
+        for off, _op, _flags, _deadline, _key, n in record.scan(newest.read_bytes(), 1 << 30):
             records_end = off + n
     assert newest.stat().st_size > records_end  # the zero-filled space is there
     with caplog.at_level(logging.DEBUG, logger=KVSTORE_LOG):
@@ -1375,10 +1375,10 @@ def _newest_records(path: Path) -> dict[str, tuple[int, int, int, int]]:
     for seg in segment_paths(path):
         data = seg.read_bytes()
         try:
-            for off, rec, key, n in record.scan(data, 1 << 30):
-                if rec.op == record.OP_SET:
-                    flags = (positions.EXPIRES if rec.deadline is not None else 0) | (
-                        positions.KEY_BYTES if rec.flags & record.F_KEY_BYTES else 0)
+            for off, op, rflags, deadline, key, n in record.scan(data, 1 << 30):
+                if op == record.OP_SET:
+                    flags = (positions.EXPIRES if deadline is not None else 0) | (
+                        positions.KEY_BYTES if rflags & record.F_KEY_BYTES else 0)
                     out[key.decode()] = (seg.stat().st_ino, off, n, flags)
                 else:
                     out.pop(key.decode(), None)

@@ -233,12 +233,12 @@ class Compaction:
         now = self._clock()
         expired_bytes = 0
         with mapped(seg) as data, contextlib.closing(record.scan(data, MAX_RECORD_LENGTH)) as records:
-            for offset, rec, key_bytes, length in records:
-                if rec.op != record.OP_SET:
+            for offset, op, rflags, deadline, key_bytes, length in records:
+                if op != record.OP_SET:
                     continue
                 key = key_bytes.decode("utf-8", "surrogateescape")
-                flags = KEY_BYTES if rec.flags & record.F_KEY_BYTES else 0
-                if rec.deadline is not None:
+                flags = KEY_BYTES if rflags & record.F_KEY_BYTES else 0
+                if deadline is not None:
                     flags |= EXPIRES
                 old = pack(fd, offset, length, flags)
                 i = hash(key) & mask
@@ -249,14 +249,14 @@ class Compaction:
                     with self._stripe_locks[i]:  # a transaction is publishing it: wait for it
                         if stripes[i].get(key) != old:
                             continue
-                if rec.deadline is not None and rec.deadline <= now:
+                if deadline is not None and deadline <= now:
                     with self._stripe_locks[i]:
                         if stripes[i].get(key) == old:
                             del stripes[i][key]
                             self._expires[i].pop(key, None)
                             expired_bytes += length
                     continue
-                new = out.add(data[offset:offset + length], key_bytes, flags, rec.deadline)
+                new = out.add(data[offset:offset + length], key_bytes, flags, deadline)
                 mark_shared(new)
                 with self._stripe_locks[i]:
                     if stripes[i].get(key) == old:

@@ -98,12 +98,12 @@ def _check(data: mmap.mmap, segment_size: int) -> struct.Struct:
     end = len(data) - TRAILER.size
     pos = len(MAGIC)
     found = 0
-    unpack = entry.unpack_from
+    unpack = V1_ENTRY.unpack_from  # both versions' entries start with V1_ENTRY's fields
     esize = entry.size
     while pos < end:
         if end - pos < esize:
             raise BadHintFile("truncated entry")
-        klen, offset, length = unpack(data, pos)[:3]
+        klen, offset, length = unpack(data, pos)
         pos += esize
         if pos + klen > end or offset + length > segment_size:
             raise BadHintFile("entry out of bounds")

@@ -193,17 +193,33 @@ def parse(buf: Buffer, offset: int, end: int, max_record: int) -> tuple[Parsed, 
     return parsed, length
 
 
-def scan(buf: Buffer, max_record: int) -> Generator[tuple[int, Parsed, bytes, int]]:
-    """Yield ``(offset, parsed, key_bytes, record_length)`` for each SET, TOMBSTONE and
-    CLEAR record of ``buf`` in order, the records inside a TXN included (a TXN itself is not
-    yielded). Raises :class:`CorruptRecord` at the first record that is truncated, has an
-    unknown op, implausible lengths or a bad checksum (a TXN is checked whole before any of
-    its records is yielded). A clean end of ``buf`` ends the iteration."""
+def scan(buf: Buffer, max_record: int) -> Generator[tuple[int, int, int, int | None, bytes, int]]:
+    """Yield ``(offset, op, flags, deadline, key_bytes, record_length)`` for each SET,
+    TOMBSTONE and CLEAR record of ``buf`` in order (the fields of :class:`Parsed`: ``op`` the
+    version-2 op, ``deadline`` None for none), the records inside a TXN included (a TXN itself
+    is not yielded). Raises :class:`CorruptRecord` at the first record that is truncated, has
+    an unknown op, implausible lengths or a bad checksum (a TXN is checked whole before any of
+    its records is yielded). A clean end of ``buf`` ends the iteration.
+
+    A version-2 SET or TOMBSTONE without a deadline, the bulk of every log, is checked here
+    inline with the same checks as :func:`parse`, without a :class:`Parsed` per record: this
+    loop is ``open``'s and compaction's, run once per record."""
     view = memoryview(buf)
     end = len(view)
     offset = 0
+    unpack = HEADER.unpack_from
     while offset < end:
-        parsed, length = parse(view, offset, end, max_record)
+        if end - offset >= OVERHEAD:
+            op, flags, klen, vlen = unpack(view, offset)
+            if (op == OP_SET and not flags & ~6) or (op == OP_TOMBSTONE and not flags and not vlen):
+                length = OVERHEAD + klen + vlen
+                if (length <= max_record and offset + length <= end
+                        and _crc32(view[offset : offset + length]) == CRC_RESIDUE):
+                    key_start = offset + HEADER_SIZE
+                    yield offset, op, flags, None, bytes(view[key_start : key_start + klen]), length
+                    offset += length
+                    continue
+        parsed, length = parse(view, offset, end, max_record)  # the general case, or the error
         if parsed.op == OP_TXN:
             inner = offset + TXN_PREFIX
             stop = offset + length - TRAILER_SIZE
@@ -214,11 +230,12 @@ def scan(buf: Buffer, max_record: int) -> Generator[tuple[int, Parsed, bytes, in
                     raise CorruptRecord(offset, f"bad transaction frame ({exc.reason})") from None
                 if rec.op != OP_SET and rec.op != OP_TOMBSTONE:
                     raise CorruptRecord(offset, "bad transaction frame (nested record)")
-                yield inner, rec, bytes(view[inner + rec.key_start : inner + rec.key_start + rec.klen]), n
+                start = inner + rec.key_start
+                yield inner, rec.op, rec.flags, rec.deadline, bytes(view[start : start + rec.klen]), n
                 inner += n
         else:
             start = offset + parsed.key_start
-            yield offset, parsed, bytes(view[start : start + parsed.klen]), length
+            yield offset, parsed.op, parsed.flags, parsed.deadline, bytes(view[start : start + parsed.klen]), length
         offset += length
 
 

@@ -173,13 +173,12 @@ class Recovery:
         with mapped(seg) as data:
             try:
                 with contextlib.closing(record.scan(data, MAX_RECORD_LENGTH)) as records:
-                    for pos, rec, key, length in records:
-                        op = rec.op
+                    for pos, op, rflags, deadline, key, length in records:
                         if op == record.OP_SET:
-                            flags = KEY_BYTES if rec.flags & record.F_KEY_BYTES else 0
-                            if rec.deadline is not None:
+                            flags = KEY_BYTES if rflags & record.F_KEY_BYTES else 0
+                            if deadline is not None:
                                 flags |= EXPIRES
-                            self._index_put(key, pack(seg.fd, pos, length, flags), rec.deadline)
+                            self._index_put(key, pack(seg.fd, pos, length, flags), deadline)
                         elif op == record.OP_TOMBSTONE:
                             k = key.decode("utf-8", "surrogateescape")
                             i = hash(k) & self._mask
@@ -227,7 +226,7 @@ class Recovery:
         if deadline is not None:
             mark_shared(deadline)
             self._expires[i][key] = deadline
-        else:
+        elif self._expires[i]:  # most stores have no TTLs: skip the pop
             self._expires[i].pop(key, None)
 
     def _index_hints(self, seg: Segment, entries: Iterator[tuple[bytes, int, int, int, int]]) -> None:
@@ -246,6 +245,7 @@ class Recovery:
         # Locals, not globals: this loop runs once per key of the store.
         length_limit, offset_shift, length_shift, count_offset = (
             NARROW_LENGTH_LIMIT, NARROW_OFFSET_SHIFT, NARROW_LENGTH_SHIFT, SHARED_COUNT_OFFSET)
+        any_expires = any(all_expires)  # most stores have no TTLs: then no pop per key
         for key_bytes, offset, length, flags, deadline in entries:
             key = key_bytes.decode("utf-8", "surrogateescape")
             if narrow >= 0 and length < length_limit and not flags & 1:
@@ -261,7 +261,8 @@ class Recovery:
             if flags & 1:  # EXPIRES
                 mark_shared(deadline)
                 all_expires[i][key] = deadline
-            elif all_expires[i]:
+                any_expires = True
+            elif any_expires:
                 all_expires[i].pop(key, None)
 
 
