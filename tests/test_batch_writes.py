@@ -36,35 +36,49 @@ def engines(request: pytest.FixtureRequest) -> Iterator[Callable[[Path], Any]]:
         engine.close()
 
 
-def test_set_many_stores_in_order_and_survives_reopen(engines: Callable[[Path], Any], tmp_path: Path) -> None:
+BATCH_METHODS = pytest.mark.parametrize("method", ["set_many", "set_batch"])
+"""``set_many`` (a transaction) and ``set_batch`` (the server's non-atomic batch) share the
+behaviour of a run of ``set`` calls checked up front."""
+
+
+@BATCH_METHODS
+def test_set_many_stores_in_order_and_survives_reopen(engines: Callable[[Path], Any], tmp_path: Path,
+                                                      method: str) -> None:
     store = engines(tmp_path / "d")
     store.set("a", "old")
-    store.set_many([("a", "1"), ("b", "2"), ("a", "3"), ("ключ", "значение"), ("", "")])
+    store.set("ttl", "old", ttl=3600)
+    batch = getattr(store, method)
+    batch([("a", "1"), ("b", "2"), ("a", "3"), ("ключ", "значение"), ("", ""), (b"\xff", b"\x00"), ("ttl", "new")])
     assert (store.get("a"), store.get("b"), store.get("ключ"), store.get("")) == ("3", "2", "значение", "")
-    store.set_many([])
-    store.set_many([("single", "x")])
+    assert store.get(b"\xff") == b"\x00" and store.expiry("ttl") is None  # set clears the expiry
+    batch([])
+    batch([("single", "x")])
     store.close()
     store = engines(tmp_path / "d")
-    assert (store.get("a"), store.get("b"), store.get("single")) == ("3", "2", "x")
+    assert (store.get("a"), store.get("b"), store.get("single"), store.get(b"\xff")) == ("3", "2", "x", b"\x00")
+    assert list(store.keys()).count(b"\xff") == 1 and store.expiry("ttl") is None
 
 
+@BATCH_METHODS
 @pytest.mark.parametrize("bad", [("ok", "\ud800"), ("k" * 70000, "v"), (1, "v"), ("k", None)])
 def test_set_many_with_one_bad_pair_stores_nothing(engines: Callable[[Path], Any], tmp_path: Path,
-                                                   bad: tuple[Any, Any]) -> None:
+                                                   bad: tuple[Any, Any], method: str) -> None:
     store = engines(tmp_path / "d")
     with pytest.raises((KvsError, TypeError)):
-        store.set_many([("first", "1"), bad, ("last", "2")])
+        getattr(store, method)([("first", "1"), bad, ("last", "2")])
     assert store.get("first") is None and store.get("last") is None
 
 
-def test_set_many_after_close_raises(engines: Callable[[Path], Any], tmp_path: Path) -> None:
+@BATCH_METHODS
+def test_set_many_after_close_raises(engines: Callable[[Path], Any], tmp_path: Path, method: str) -> None:
     store = engines(tmp_path / "d")
     store.close()
     with pytest.raises(KvsError):
-        store.set_many([("a", "1"), ("b", "2")])
+        getattr(store, method)([("a", "1"), ("b", "2")])
 
 
-def test_set_many_batches_are_linearizable_per_key(tmp_path: Path) -> None:
+@BATCH_METHODS
+def test_set_many_batches_are_linearizable_per_key(tmp_path: Path, method: str) -> None:
     """Writers apply overlapping batches (repeated keys, shuffled order) while readers check,
     on every read, that what a writer wrote never goes back in time: once a reader has seen
     writer w's batch b for a key, it never sees an earlier batch of w for that key."""
@@ -76,9 +90,10 @@ def test_set_many_batches_are_linearizable_per_key(tmp_path: Path) -> None:
 
     def write(w: int) -> None:
         rng = random.Random(w)
+        batch = getattr(store, method)
         for b in range(batches):
             picked = rng.sample(keys, 12) + rng.sample(keys, 4)  # some keys twice in a batch
-            store.set_many([(k, f"{w}:{b}:{'x' * rng.randrange(200)}") for k in picked])
+            batch([(k, f"{w}:{b}:{'x' * rng.randrange(200)}") for k in picked])
 
     def read(r: int) -> None:
         rng = random.Random(100 + r)
@@ -124,7 +139,7 @@ def _facts(engine: Any) -> ServerFacts:
 
 
 class _RefusingBatchEngine:
-    """An engine whose ``set_many`` refuses every batch: the sessions must fall back to
+    """An engine whose ``set_batch`` refuses every batch: the sessions must fall back to
     ``set``, one command at a time."""
 
     name = "refusing"
@@ -139,7 +154,7 @@ class _RefusingBatchEngine:
         self.calls += 1
         self.data[key] = value
 
-    def set_many(self, items: Sequence[tuple[str, str]]) -> None:
+    def set_batch(self, items: Sequence[tuple[str, str]]) -> None:
         self.batches += 1
         raise KvsError("no batches here")
 

@@ -649,6 +649,9 @@ class _EngineWrapper:
     def set_many(self, items: Sequence[tuple[str, str]]) -> None:
         self.engine.set_many(items)
 
+    def set_batch(self, items: Sequence[tuple[str, str]]) -> None:
+        self.engine.set_batch(items)
+
     def remove(self, key: str) -> None:
         self.engine.remove(key)
 

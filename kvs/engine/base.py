@@ -78,8 +78,14 @@ class KvsEngine(Protocol):
     def set_many(self, items: Sequence[tuple[Key, Value]]) -> None:
         """``set`` of each ``(key, value)`` pair in order, as one transaction: all pairs are
         checked before anything is stored (a bad one raises as ``set`` would and none is
-        stored), become visible at once and survive a crash all or nothing. The server uses
-        it for runs of pipelined SETs."""
+        stored), become visible at once and survive a crash all or nothing."""
+        ...
+
+    def set_batch(self, items: Sequence[tuple[Key, Value]]) -> None:
+        """``set`` of each ``(key, value)`` pair in order, as cheaply as the engine can
+        store them together (one write, one acknowledgement), checked as ``set_many`` is but
+        not necessarily atomic: each pair behaves as its own ``set``. The server uses it for
+        runs of pipelined SETs (Redis does not make them atomic either)."""
         ...
 
     def get(self, key: Key, default: Value | None = None) -> str | bytes | None:

@@ -69,6 +69,7 @@ import logging
 import os
 import threading
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -87,6 +88,7 @@ from kvs.engine.record import FORMAT_VERSION, READABLE_VERSIONS
 from kvs.engine.recovery import Recovery
 from kvs.engine.scanning import Scanning
 from kvs.engine.segment_log import LIVE, TOTAL, SegmentLog
+from kvs.engine.transaction import pairs
 from kvs.engine.transactions import Pending, Transactions
 from kvs.engine.values import index_key, key_bytes, ttl_deadline, value_bytes
 from kvs.errors import KeyNotFoundError, KvsError
@@ -533,6 +535,66 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
             stripe[ikey] = pos
         if self._fsync_always:
             self._group_commit(seg, offset + n)
+
+    def set_batch(self, items: Sequence[tuple[object, object]]) -> None:
+        """``set`` of each ``(key, value)`` pair in order, sharing one append and one
+        acknowledgement, but not a transaction (``set_many`` is one): the server's path for a
+        run of pipelined SETs, which Redis does not make atomic either. Every pair is checked
+        before anything is written: a bad one raises as ``set`` would and none is stored.
+
+        Each write is linearizable exactly as a ``set``: the stripe locks of every key are
+        held, in index order (so two batches, or a batch and a transaction, cannot deadlock),
+        across "append, then publish the positions"; a reader may see some of the batch's
+        writes before others, as it may of the same ``set`` calls. After a crash a torn tail
+        keeps a prefix of the batch, as it would of the same ``set`` calls."""
+        if self._callers:
+            self._guard.check()
+        items = pairs(items)
+        if len(items) <= 1:
+            for key, value in items:
+                self.set(key, value)
+            return
+        encoded = [self._encode_set(key, value, None) for key, value in items]  # all checked
+        mask = self._mask
+        stripe_ids = [hash(ikey) & mask for _rec, ikey, _pflags, _deadline in encoded]
+        locks = [self._stripe_locks[i] for i in sorted(set(stripe_ids))]
+        stripes = self._stripes
+        blob = b"".join([rec for rec, _ikey, _pflags, _deadline in encoded])
+        for lock in locks:
+            lock.acquire()
+        try:
+            # Live bytes: each record replaces the key's current record, or the batch's own
+            # earlier record of the same key (.get under the stripe locks, as in set).
+            latest: dict[str, int] = {}
+            live_delta = 0
+            for (rec, ikey, _pflags, _deadline), i in zip(encoded, stripe_ids, strict=True):
+                old_length = latest.get(ikey)
+                if old_length is None:
+                    old = stripes[i].get(ikey)
+                    old_length = 0 if old is None else _length(old)
+                latest[ikey] = len(rec)
+                live_delta += len(rec) - old_length
+            seg, offset = self._append(blob, len(blob), live_delta)
+            fd = seg.fd
+            for (rec, ikey, pflags, _deadline), i in zip(encoded, stripe_ids, strict=True):
+                # Publish as set does: the position (and a new key's own copy) marked shared
+                # before the one dict store that publishes them.
+                pos = _pack(fd, offset, len(rec), pflags)
+                mark_shared(pos)
+                stripe = stripes[i]
+                old = stripe.get(ikey)
+                if old is None:
+                    ikey = ikey.encode("utf-8", "surrogateescape").decode("utf-8", "surrogateescape")
+                    mark_shared_str(ikey)
+                elif old < 0:
+                    self._forget_deadline(i, ikey)  # set clears the expiry
+                stripe[ikey] = pos
+                offset += len(rec)
+        finally:
+            for lock in reversed(locks):
+                lock.release()
+        if self._fsync_always:
+            self._group_commit(seg, offset)
 
     def _encode_set(self, key: object, value: object, ttl: object) -> tuple[bytes, str, int, int | None]:
         """The general path of ``set``: ``(record, index key, position flags, deadline)``,

@@ -42,7 +42,7 @@ _GET, _SET, _REMOVE, _PING = Op.GET, Op.SET, Op.REMOVE, Op.PING
 
 
 def _is_set(item: object) -> bool:
-    """A SET that a pipelined run may store with ``set_many``: one without a TTL."""
+    """A SET that a pipelined run may store with ``set_batch``: one without a TTL."""
     return type(item) is Request and item[0] is _SET and item[3] is None
 
 

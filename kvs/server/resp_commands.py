@@ -13,7 +13,7 @@ adding an entry (and its handler) here; connections and sessions do not change.
 GET and SET are defined here too (:func:`get_value`, :func:`set_value`), once:
 ``RespSession`` calls them directly on its fast paths (a single whole GET or SET, and the
 commands of a pipelined batch), without the table lookup, and stores pipelined runs of plain
-SETs with one ``set_many``.
+SETs with one ``set_batch``.
 
 Keys and values are what the client sent: bulk strings go to the engine as ``bytes``, as
 they came off the wire (any bytes, NUL and invalid UTF-8 included: no decoding, no refusal),

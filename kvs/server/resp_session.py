@@ -4,7 +4,7 @@ redis-benchmark work against kvs-server unchanged.
 The session decodes commands (``kvs.resp.RespDecoder``) and runs each one: GET and SET
 directly (:func:`~kvs.server.resp_commands.get_value` and
 :func:`~kvs.server.resp_commands.set_value`, their one definition), a pipelined run of plain
-SETs with one ``set_many``, everything else through the command table
+SETs with one ``set_batch``, everything else through the command table
 (:func:`~kvs.server.resp_commands.run_command`); ``resp_commands`` documents the commands.
 
 Keys and values are stored as the bytes the client sent (``resp_commands``: no decoding,

@@ -104,12 +104,12 @@ class DecodingSession:
         raise NotImplementedError
 
     def store_run(self, pairs: Sequence[tuple[Key, Value]]) -> bool:
-        """Store a run of consecutive pipelined SETs with the engine's ``set_many`` (one
-        write for the run). False, with nothing stored, when the engine refuses a pair: the
-        caller then executes the run one command at a time, so each command gets exactly
-        the reply it would have got alone."""
+        """Store a run of consecutive pipelined SETs with the engine's ``set_batch`` (one
+        write for the run; not a transaction, as in Redis). False, with nothing stored, when
+        the engine refuses a pair: the caller then executes the run one command at a time,
+        so each command gets exactly the reply it would have got alone."""
         try:
-            self.engine.set_many(pairs)
+            self.engine.set_batch(pairs)
         except (KvsError, TypeError):
             return False
         return True
