@@ -554,7 +554,14 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
             for key, value in items:
                 self.set(key, value)
             return
-        encoded = [self._encode_set(key, value, None) for key, value in items]  # all checked
+        encoded: list[tuple[bytes, str, int, int | None]] = []  # every pair checked first
+        max_key, max_value = self._max_key, self._max_value
+        for key, value in items:
+            if (type(key) is str and type(value) is str
+                    and (rec := _encode_text_set(key, value, max_key, max_value)) is not None):
+                encoded.append((rec, key, 0, None))  # set's text fast path
+            else:
+                encoded.append(self._encode_set(key, value, None))
         mask = self._mask
         stripe_ids = [hash(ikey) & mask for _rec, ikey, _pflags, _deadline in encoded]
         locks = [self._stripe_locks[i] for i in sorted(set(stripe_ids))]
@@ -576,11 +583,17 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
                 live_delta += len(rec) - old_length
             seg, offset = self._append(blob, len(blob), live_delta)
             fd = seg.fd
+            counts = SHARED_COUNTS
             for (rec, ikey, pflags, _deadline), i in zip(encoded, stripe_ids, strict=True):
-                # Publish as set does: the position (and a new key's own copy) marked shared
-                # before the one dict store that publishes them.
-                pos = _pack(fd, offset, len(rec), pflags)
-                mark_shared(pos)
+                # Publish as set does, with its inlined pack and mark: the position (and a
+                # new key's own copy) marked shared before the one dict store publishes them.
+                n = len(rec)
+                if fd < 4096 and offset < 1 << 30 and n < 1 << 16 and not pflags & 1:
+                    pos = fd << 48 | offset << 18 | n << 2 | pflags
+                else:
+                    pos = _pack(fd, offset, n, pflags)
+                if counts is not None:
+                    counts[(id(pos) + SHARED_COUNT_OFFSET) >> 3] = 1
                 stripe = stripes[i]
                 old = stripe.get(ikey)
                 if old is None:
@@ -589,7 +602,7 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
                 elif old < 0:
                     self._forget_deadline(i, ikey)  # set clears the expiry
                 stripe[ikey] = pos
-                offset += len(rec)
+                offset += n
         finally:
             for lock in reversed(locks):
                 lock.release()
