@@ -383,9 +383,12 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
             except KeyError:
                 return default
             if pos < 0:
-                return self._get_slow(ikey, kb, stripe, default)
+                # Became EXPIRES or Pending meanwhile: _get_slow announces its own read, after
+                # this one has ended (announcements do not nest: a nested one would mark the
+                # slot idle while the outer read still runs, letting a segment close under it).
+                data = None
             # positions.unpack, inlined (tests/test_kvstore.py checks it against unpack).
-            if pos < _NARROW_LIMIT:
+            elif pos < _NARROW_LIMIT:
                 length = (pos >> 2) & 0xFFFF
                 data = _pread(pos >> 48, length, (pos >> 18) & 0x3FFFFFFF)
             else:
@@ -396,6 +399,8 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
             raise KvsError(f"cannot read {self.path}: {exc.strerror}") from None
         finally:
             slot[0] = (state + 1) & 255
+        if data is None:
+            return self._get_slow(ikey, kb, stripe, default)
         op, flags, klen, vlen = _HEADER_UNPACK(data)
         if op != _OP_SET:  # a version-1 record (format 1 directories), or damage
             return self._decode(data, length, kb)[0]
