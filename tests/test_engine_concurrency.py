@@ -523,19 +523,12 @@ def test_scan_and_iteration_return_every_stable_key_under_churn(stores: Stores, 
 
 # =========================================================================== 5. expiry against a moving clock
 @pytest.mark.timeout(60)
-def test_no_reader_sees_a_key_past_its_deadline(stores: Stores, name: str, request: pytest.FixtureRequest) -> None:
+def test_no_reader_sees_a_key_past_its_deadline(stores: Stores, name: str) -> None:
     """Keys ``e:<deadline>:<n>`` are written with exactly that deadline (set and expire_at in
     one transaction) while one thread moves a ManualClock forward and the sweep (and, for
     KvStore, compaction) removes expired keys. Each reader reads the clock, then the store:
     whatever it finds (``get``, ``in``, ``[]``, ``expiry``, ``ttl``, ``scan``) has a
     deadline after the time it read."""
-    if name == "kvs":
-        # KNOWN BUG, issue 15 still open: under this test's fast expiry and back-to-back
-        # compactions a KvStore reader sometimes gets a position just past its segment's end
-        # (pread returns b"": "data corruption ... truncated record"), about half the runs
-        # on 2 cores. Not fixed yet; this marks it instead of letting it turn CI red at random.
-        request.applymarker(pytest.mark.xfail(reason="known KvStore read race under expiry and compaction "
-                                                     "(issue 15)", strict=False))
     clock = ManualClock()
     store = stores.open(name, clock=clock, expire_sweep_interval=0.002)
     stop = threading.Event()

@@ -185,6 +185,15 @@ class Compaction:
             inputs = [s for g, s in sorted(self._segments.items()) if g != active_gen]
         if not inputs:
             return
+        # A writer appends holding its keys' stripe locks and publishes the positions before
+        # releasing them. Taking every stripe lock once, after the roll-over, waits for each
+        # write that went to an input segment to be published, so the scan below sees every
+        # live record's position. Without it a record appended just before the roll-over,
+        # not yet published, looked dead to the scan, and its position, published next,
+        # pointed into a segment this compaction then deleted.
+        for lock in self._stripe_locks:
+            with lock:
+                pass
         major = segments.major_of(inputs[-1].gen)
         outputs = CompactionOutput(self.path, major, self._max_segment)
         try:
