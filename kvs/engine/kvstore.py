@@ -588,17 +588,12 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
                 live_delta += len(rec) - old_length
             seg, offset = self._append(blob, len(blob), live_delta)
             fd = seg.fd
-            counts = SHARED_COUNTS
             for (rec, ikey, pflags, _deadline), i in zip(encoded, stripe_ids, strict=True):
-                # Publish as set does, with its inlined pack and mark: the position (and a
-                # new key's own copy) marked shared before the one dict store publishes them.
+                # Publish as set does: the position (and a new key's own copy) marked shared
+                # before the one dict store publishes them.
                 n = len(rec)
-                if fd < 4096 and offset < 1 << 30 and n < 1 << 16 and not pflags & 1:
-                    pos = fd << 48 | offset << 18 | n << 2 | pflags
-                else:
-                    pos = _pack(fd, offset, n, pflags)
-                if counts is not None:
-                    counts[(id(pos) + SHARED_COUNT_OFFSET) >> 3] = 1
+                pos = _pack(fd, offset, n, pflags)
+                mark_shared(pos)
                 stripe = stripes[i]
                 old = stripe.get(ikey)
                 if old is None:

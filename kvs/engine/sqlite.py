@@ -762,10 +762,10 @@ class SqliteKvsEngine(EngineMapping):
             self._rows += added
             self._writes += len(rows)
 
-
     def set_batch(self, items: Sequence[tuple[object, object]]) -> None:
         """``set_many``: one SQLite transaction is already the cheapest way to store a batch."""
         self.set_many(items)
+
     def _lookup(self, key: object, now: int | None = None) -> tuple[bytes, int, int | None] | None:
         """The live row of ``key`` on the reader at ``now`` (default: the clock):
         ``(value, flags, expires)``, or None."""
