@@ -1,7 +1,7 @@
 """scripts/bench: run the benchmark suites, show progress and tables, write JSON and plots.
 
-    python -m bench [--quick] [--suite server|engine|pool|load|resp|all] [--gil both|off|on]
-                    [--resp-threads N] [--resp-scheduling batch|normal] [--out DIR]
+    python -m bench [--quick] [--suite server|engine|pool|load|resp|ycsb|all] [--gil both|off|on]
+                    [--resp-threads N] [--resp-scheduling batch|normal] [--records N] [--out DIR]
 
 Each (suite, GIL mode) runs in a child process of its own, started with ``PYTHON_GIL=0`` or
 ``PYTHON_GIL=1`` (the same free-threaded binary, with and without the GIL). The child reports
@@ -30,8 +30,9 @@ SUITES = {  # name: module with run(quick, progress) -> list[dict]
     "server": "bench.server_bench",
     "load": "bench.server_load",
     "resp": "bench.resp_bench",
+    "ycsb": "bench.ycsb_bench",
 }
-ALL = ["pool", "engine", "server", "load", "resp"]
+ALL = ["pool", "engine", "server", "load", "resp", "ycsb"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -45,6 +46,25 @@ def resp_options(resp_threads: int | None, resp_scheduling: str | None) -> dict[
     return options
 
 
+def suite_options(suite: str, args: argparse.Namespace) -> dict[str, object]:
+    """The ``run`` keywords of ``suite`` given on the command line."""
+    if suite == "resp":
+        return resp_options(args.resp_threads, args.resp_scheduling)
+    if suite == "ycsb" and args.records:
+        return {"records": args.records}
+    return {}
+
+
+def child_flags(suite: str, args: argparse.Namespace) -> list[str]:
+    """The command-line flags that pass :func:`suite_options` on to a child process."""
+    if suite == "resp":
+        return ((["--resp-threads", str(args.resp_threads)] if args.resp_threads else [])
+                + (["--resp-scheduling", args.resp_scheduling] if args.resp_scheduling else []))
+    if suite == "ycsb" and args.records:
+        return ["--records", str(args.records)]
+    return []
+
+
 def run_child(suite: str, quick: bool, out_file: str, options: dict[str, object]) -> int:
     """In the child process: run one suite, progress as JSON lines, records to ``out_file``."""
     module = importlib.import_module(SUITES[suite])
@@ -52,20 +72,19 @@ def run_child(suite: str, quick: bool, out_file: str, options: dict[str, object]
     def progress(done: int, total: int, description: str) -> None:
         print(json.dumps({"progress": [done, total, description]}), flush=True)
 
-    records = module.run(quick, progress, **(options if suite == "resp" else {}))
+    records = module.run(quick, progress, **options)
     Path(out_file).write_text(json.dumps(records))
     return 0
 
 
-def run_suite(suite: str, gil: str, quick: bool, bar, task, resp_flags: list[str]) -> list[dict]:
+def run_suite(suite: str, gil: str, quick: bool, bar, task, flags: list[str]) -> list[dict]:
     """In the parent: one child process for ``suite`` with the GIL ``gil`` ("off"/"on")."""
     env = dict(os.environ, PYTHON_GIL="1" if gil == "on" else "0")
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out_file = f.name
     cmd = [sys.executable, "-m", "bench", "--child", "--suite", suite, "--out", out_file]
     cmd += ["--quick"] if quick else []
-    if suite == "resp":
-        cmd += resp_flags
+    cmd += flags
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -94,13 +113,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="kvs-server pool threads in the resp suite (default: one per CPU)")
     parser.add_argument("--resp-scheduling", choices=SCHEDULING, default=None,
                         help="kvs-server --scheduling in the resp suite (default: the server's, batch)")
+    parser.add_argument("--records", type=int, default=None, metavar="N",
+                        help="records loaded by the ycsb suite (default 1M, quick 100k)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", metavar="DIR")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.resp_threads is not None and args.resp_threads < 1:
         parser.error("--resp-threads must be at least 1")
+    if args.records is not None and args.records < 2:
+        parser.error("--records must be at least 2")
     if args.child:
-        return run_child(args.suite, args.quick, str(args.out), resp_options(args.resp_threads, args.resp_scheduling))
+        return run_child(args.suite, args.quick, str(args.out), suite_options(args.suite, args))
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -111,8 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=None if sys.stdout.isatty() else 200)
     suites = ALL if args.suite == "all" else [args.suite]
     modes = ["off", "on"] if args.gil == "both" else [args.gil]
-    resp_flags = ((["--resp-threads", str(args.resp_threads)] if args.resp_threads else [])
-                  + (["--resp-scheduling", args.resp_scheduling] if args.resp_scheduling else []))
     records: list[dict] = []
     before = metadata(quick=args.quick, suites=suites, gil_modes=modes)  # what ran before we did
     seconds: dict[str, float] = {}
@@ -123,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             for gil in modes:  # off and on interleaved per suite: both see the same machine state
                 task = bar.add_task(f"{suite} (GIL {gil})", total=1)
                 t0 = time.monotonic()
-                records += run_suite(suite, gil, args.quick, bar, task, resp_flags)
+                records += run_suite(suite, gil, args.quick, bar, task, child_flags(suite, args))
                 seconds[f"{suite} (GIL {gil})"] = round(time.monotonic() - t0, 1)
                 bar.update(task, completed=bar.tasks[task].total)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,8 @@ them at the end of a run (:func:`draw_all`). The plots:
 - ``server_threads.png``: the course's graph, throughput against server pool threads.
 - ``server_configs.png``: which server configuration is fastest at each thread count.
 - ``engine_peers.png``: the kvs engine against stdlib sqlite3 and diskcache.
+- ``ycsb.png``: YCSB's workloads at a million records, kvs against its peers (and against
+  itself with the value cache off), one panel per thread count.
 
 A plot whose records the run did not produce (a run of some suites only) is not drawn.
 """
@@ -29,7 +31,18 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from bench.records import CLEAR_CHANGE, ENGINE_THREADS, FREE_THREADING, PEER_ENGINES, Record, load, one, value_bytes
+from bench.records import (
+    CLEAR_CHANGE,
+    ENGINE_THREADS,
+    FREE_THREADING,
+    PEER_ENGINES,
+    YCSB_ENGINES,
+    YCSB_WORKLOADS,
+    Record,
+    load,
+    one,
+    value_bytes,
+)
 
 DPI = 100
 FASTER, UNCLEAR, SLOWER, CONTROL = "#2e8b57", "#8fb8d8", "#c0392b", "#9e9e9e"
@@ -205,18 +218,19 @@ def server_configs(records: list[Record], out: Path) -> Path | None:
 
 
 # ----------------------------------------------------------------------------- engine suite
-def _grouped_bars(ax: Axes, groups: Sequence[str], recs_per_engine: list[list[Record]]) -> None:
-    """Bars of thousand ops/s, one group per entry of ``groups``, one bar per peer engine,
-    p5-p95 whiskers and the value above each bar."""
-    width = 0.8 / len(PEER_ENGINES)
+def _grouped_bars(ax: Axes, groups: Sequence[str], recs_per_engine: list[list[Record]],
+                  engines: Sequence[tuple[str, str]] = PEER_ENGINES, fontsize: int = 9) -> None:
+    """Bars of thousand ops/s, one group per entry of ``groups``, one bar per engine of
+    ``engines``, p5-p95 whiskers and the value above each bar."""
+    width = 0.8 / len(engines)
     top = max(v + h for recs in recs_per_engine for v, _, h in zip(*_thousands_with_spread(recs), strict=True))
-    for i, ((_engine, label), recs) in enumerate(zip(PEER_ENGINES, recs_per_engine, strict=True)):
-        xs = [x + (i - (len(PEER_ENGINES) - 1) / 2) * width for x in range(len(groups))]
+    for i, ((_engine, label), recs) in enumerate(zip(engines, recs_per_engine, strict=True)):
+        xs = [x + (i - (len(engines) - 1) / 2) * width for x in range(len(groups))]
         values, low, high = _thousands_with_spread(recs)
         ax.bar(xs, values, width, yerr=[low, high], capsize=3, color=f"C{i}", label=label,
                error_kw={"elinewidth": 1, "ecolor": "#333333"})
         for x, v, h in zip(xs, values, high, strict=True):
-            ax.text(x, v + h + top * 0.01, f"{v:,.0f}k", ha="center", va="bottom", fontsize=9)
+            ax.text(x, v + h + top * 0.01, f"{v:,.0f}k", ha="center", va="bottom", fontsize=fontsize)
     ax.set_xticks(range(len(groups)), list(groups))
     ax.set_ylim(0, top * 1.12)
     ax.set_ylabel("thousand operations/s")
@@ -249,11 +263,38 @@ def engine_peers(records: list[Record], out: Path) -> Path | None:
     return _save(fig, out / "engine_peers.png")
 
 
+# ----------------------------------------------------------------------------- ycsb suite
+def ycsb(records: list[Record], out: Path) -> Path | None:
+    """YCSB's workloads, GIL off: a group of engine bars per workload, a panel per thread
+    count."""
+    if not _has(records, "ycsb", False):
+        return None
+    threads = sorted({r["threads"] for r in records if r["suite"] == "ycsb"})
+    try:
+        panels = [[[one(records, suite="ycsb", workload=w, engine=e, threads=n, gil=False) for w in YCSB_WORKLOADS]
+                   for e, _ in YCSB_ENGINES] for n in threads]
+    except LookupError:  # a run restricted to some workloads or engines
+        return None
+    first = panels[0][0][0]
+    fig, axes = plt.subplots(len(threads), 1, figsize=(15, 5.5 * len(threads)), squeeze=False)
+    for ax, n, recs in zip(axes[:, 0], threads, panels, strict=True):
+        groups = [f"{w}: {r['description']}" for w, r in zip(YCSB_WORKLOADS, recs[0], strict=True)]
+        _grouped_bars(ax, groups, recs, YCSB_ENGINES, fontsize=7)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.set_title(f"{n} thread{'s' if n > 1 else ''}", loc="left")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(YCSB_ENGINES), fontsize=11, frameon=False)
+    fig.suptitle(f"YCSB core workloads, GIL off: {first['records']:,} records of {first['value_bytes']} bytes, "
+                 f"{first['ops']:,} operations each (whiskers: p5-p95 of rounds)", fontsize=14, fontweight="bold")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return _save(fig, out / "ycsb.png")
+
+
 def draw_all(records: list[Record], out: Path) -> list[Path]:
     """Every plot the records allow; the paths written."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [free_threading(records, out), server_threads(records, out), server_configs(records, out),
-             engine_peers(records, out)]
+             engine_peers(records, out), ycsb(records, out)]
     return [p for p in paths if p is not None]
 
 

@@ -28,6 +28,8 @@ from bench.records import (
     ENGINE_THREADS,
     FREE_THREADING,
     PEER_ENGINES,
+    YCSB_ENGINES,
+    YCSB_WORKLOADS,
     Record,
     load,
     one,
@@ -153,6 +155,35 @@ def engine_section(records: list[Record]) -> list[str]:
     return lines
 
 
+def ycsb_section(records: list[Record]) -> list[str]:
+    """YCSB's workloads at a million records: every engine, kvs's paired ratios and latency
+    (empty for a results file without the ycsb suite)."""
+    if not any(r["suite"] == "ycsb" for r in records):
+        return []
+
+    def rec(workload: str, engine: str, threads: int, gil: bool = False) -> Record:
+        return one(records, suite="ycsb", workload=workload, engine=engine, threads=threads, gil=gil)
+
+    first = rec(YCSB_WORKLOADS[0], "kvs", 1)
+    header = [f"YCSB, {count(first['records'])} records, {first['value_bytes']}-byte values, GIL off (ops/s)",
+              "threads", *(label for _, label in YCSB_ENGINES), "kvs / best peer", "kvs / cache off",
+              "kvs / best peer, GIL on", "kvs p50 / p99 us"]
+    rows = []
+    for w in YCSB_WORKLOADS:
+        for n in sorted({r["threads"] for r in records if r["suite"] == "ycsb"}):
+            kvs = rec(w, "kvs", n)
+            rows.append([f"{w}: {kvs['description']}" if n == 1 else "", str(n),
+                         *(ops(rec(w, e, n)["ops_per_sec"]) for e, _ in YCSB_ENGINES),
+                         times(kvs["ratio_to_best_peer"]), times(kvs["ratio_to_cache_off"]),
+                         times(rec(w, "kvs", n, gil=True)["ratio_to_best_peer"]),
+                         f"{kvs['p50_us']:.1f} / {kvs['p99_us']:.1f}"])
+    return [*table(header, rows, right_from=1), "",
+            f"({count(first['ops'])} operations per workload and thread count, split over the threads; "
+            f"medians of {first['reps']} rounds, the engines' order rotating; the ratios are medians of "
+            "per-round ratios. Latency from a separate pass that times every operation.)",
+            "", "![YCSB workloads, kvs against its peers](docs/perf/ycsb.png)"]
+
+
 def resp_section(records: list[Record]) -> list[str]:
     """kvs-server against Redis under the same redis-benchmark command lines."""
 
@@ -241,8 +272,9 @@ def server_section(records: list[Record]) -> list[str]:
 
 def render(meta: Record, records: list[Record]) -> str:
     """The README's generated part, markers included, for one results file."""
-    sections = [run_facts(meta), engine_section(records), resp_section(records), free_threading_section(records),
-                pool_section(records), server_section(records)]
+    sections = [run_facts(meta), engine_section(records), ycsb_section(records), resp_section(records),
+                free_threading_section(records), pool_section(records), server_section(records)]
+    sections = [lines for lines in sections if lines]
     body = "\n\n".join("\n".join(wrap(line) for line in lines) for lines in sections)
     return f"{START}\n\n{body}\n\n{END}"
 

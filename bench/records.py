@@ -147,5 +147,11 @@ def redis_benchmark_options(rec: Record) -> str:
 PEER_ENGINES = [("kvs", "kvs"), ("sqlite3", "stdlib sqlite3 (WAL, NORMAL)"), ("diskcache", "diskcache")]
 """The engine suite's engines, as (``engine`` field, label), kvs first."""
 
+YCSB_ENGINES = [("kvs", "kvs"), ("kvs-cache-off", "kvs, cache off"), ("sqlite3", "stdlib sqlite3 (WAL, NORMAL)"),
+                ("diskcache", "diskcache"), ("dbm.sqlite3", "dbm.sqlite3")]
+"""The ycsb suite's engines, as (``engine`` field, label), kvs first."""
+YCSB_WORKLOADS = ("A", "B", "C", "D", "F", "U")
+"""The ycsb suite's workloads in the order its tables and plot show them."""
+
 ENGINE_THREADS = (1, 2, 4)
 """The reader thread counts of the engine suite's ``get_threads``."""

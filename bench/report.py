@@ -11,7 +11,9 @@ from rich.table import Table
 from bench.records import CLEAR_CHANGE
 
 MEASURES = {"gil", "ops_per_sec", "ops_per_sec_p5", "ops_per_sec_p95", "p50_us", "p99_us", "reps",
-            "seconds", "bytes_per_key", "ratio", "redis_ops_per_sec", "kvs_ops_per_sec", "note"}
+            "seconds", "bytes_per_key", "ratio", "redis_ops_per_sec", "kvs_ops_per_sec", "note",
+            "ratio_to_best_peer", "ratio_to_best_peer_range", "ratio_to_cache_off", "ratio_to_cache_off_range",
+            "ratio_to_1_thread", "ratios", "load_seconds"}
 _SHOWN_EXTRAS = ("workload", "producers", "connections", "pipeline", "client_connections", "target", "command")
 
 
@@ -46,6 +48,26 @@ def suite_table(suite: str, records: list[dict]) -> Table:
     return table
 
 
+def ycsb_table(records: list[dict]) -> Table:
+    """The ycsb suite's records of one GIL mode as workload rows with an ops/s column per
+    engine, kvs's ratios and latency."""
+    engines = list(dict.fromkeys(r["engine"] for r in records))
+    first = records[0]
+    table = Table(title=f"suite: ycsb, {first['records']:,} records, {first['ops']:,} operations per workload, "
+                        f"GIL {'on' if first['gil'] else 'off'} (ops/s, median of rounds)")
+    for col in ("workload", "threads", *engines, "kvs / best peer", "kvs / cache off", "kvs p50 / p99 us"):
+        table.add_column(col, justify="right")
+    by = {(r["workload"], r["threads"], r["engine"]): r for r in records}
+    for w, threads in sorted({(r["workload"], r["threads"]) for r in records}):
+        kvs = by.get((w, threads, "kvs"), {})
+        table.add_row(w, str(threads),
+                      *[_fmt(by[(w, threads, e)]["ops_per_sec"]) if (w, threads, e) in by else "-" for e in engines],
+                      f"{kvs['ratio_to_best_peer']:.2f}x" if "ratio_to_best_peer" in kvs else "-",
+                      f"{kvs['ratio_to_cache_off']:.2f}x" if "ratio_to_cache_off" in kvs else "-",
+                      f"{kvs['p50_us']:.1f} / {kvs['p99_us']:.1f}" if kvs.get("p50_us") is not None else "-")
+    return table
+
+
 def gil_pairs(records: list[dict]) -> list[tuple[dict, dict]]:
     """(GIL off, GIL on) record pairs that measured the same thing."""
     by_id: dict[tuple, dict[bool, dict]] = defaultdict(dict)
@@ -77,7 +99,12 @@ def print_tables(console: Console, records: list[dict]) -> None:
     for r in records:
         by_suite[r["suite"]].append(r)
     for suite, recs in by_suite.items():
-        console.print(suite_table(suite, recs))
+        if suite == "ycsb":
+            for gil in (False, True):
+                if any(bool(r["gil"]) is gil for r in recs):
+                    console.print(ycsb_table([r for r in recs if bool(r["gil"]) is gil]))
+        else:
+            console.print(suite_table(suite, recs))
     table = gil_table(records)
     if table is not None:
         console.print(table)

@@ -3,6 +3,7 @@ pipelined SET runs, and the memory-mapped scans of ``open`` and compaction."""
 
 from __future__ import annotations
 
+import collections
 import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -217,20 +218,34 @@ def _mapped_files(directory: Path) -> list[str]:
         return [line for line in f if str(directory) in line]
 
 
-def test_open_and_compaction_leave_no_file_mapped(tmp_path: Path) -> None:
+def _check_only_read_maps(store: KvStore, directory: Path) -> None:
+    """Scans (replay, compaction) unmap what they mapped: the store's files mapped now are
+    its live segments, once each for the readers (segment_log.py, "Read maps"), and the
+    active segment once more for the appends; nothing of a deleted file."""
+    lines = _mapped_files(directory)
+    assert not [line for line in lines if "(deleted)" in line]
+    per_file = collections.Counter(line.split()[-1] for line in lines)
+    live = {str(seg.path) for seg in store._segments.values()}
+    assert set(per_file) <= live
+    active = str(store._active.path)
+    assert all(n == 1 or (n == 2 and name == active) for name, n in per_file.items()), per_file
+
+
+def test_open_and_compaction_leave_only_the_read_maps_mapped(tmp_path: Path) -> None:
     path = tmp_path / "d"
     with KvStore.open(path, background_compaction=False) as store:
         for round_ in range(3):
             for i in range(2000):
                 store.set(f"key{i}", f"value{round_}-{i}")
         store.compact()
-        assert not _mapped_files(path)
+        _check_only_read_maps(store, path)
+    assert not _mapped_files(path)  # close drops every map
     assert list(path.glob("*.hint")), "compaction should have written hint files"
     with KvStore.open(path, background_compaction=False) as store:  # replays from the hints
-        assert not _mapped_files(path)
+        _check_only_read_maps(store, path)
         assert store.get("key1999") == "value2-1999"
     for hint in path.glob("*.hint"):
         hint.unlink()
     with KvStore.open(path, background_compaction=False) as store:  # replays the logs
-        assert not _mapped_files(path)
+        _check_only_read_maps(store, path)
         assert store.get("key7") == "value2-7"

@@ -47,6 +47,7 @@ def check_records(records: list[dict], suite: str) -> None:
     ("bench.engine_bench", "engine"),
     ("bench.server_bench", "server"),
     ("bench.server_load", "load"),
+    ("bench.ycsb_bench", "ycsb"),
 ])
 def test_suite_smoke(module: str, suite: str, monkeypatch: pytest.MonkeyPatch) -> None:
     check_records(run_suite(module, monkeypatch), suite)

@@ -15,8 +15,10 @@ hot paths' positions (``KvStore._position``) with ``positions.pack``.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import mmap
 import os
 import random
 import signal
@@ -399,18 +401,46 @@ def test_stress_readers_see_whole_fresh_values_across_compactions(stores: Callab
         assert store.get(k) == v
 
 
+class PausingMap:
+    """A read map (``segment_log.map_for_reading``) whose copies sometimes pause first, as a
+    preempted reader would between its index lookup and the copy."""
+
+    def __init__(self, view: mmap.mmap, pauses: list[int]) -> None:
+        self.view = view
+        self.pauses = pauses
+
+    def __getitem__(self, where: slice) -> bytes:
+        if random.random() < 0.002:
+            self.pauses[0] += 1
+            time.sleep(random.uniform(0.1, 0.15))  # the segment gets retired meanwhile
+        return self.view[where]
+
+
+@pytest.mark.parametrize("read_path", ["pread", "map"])
 def test_readers_never_fail_while_segments_are_retired(stores: Callable[..., KvStore],
                                                         tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        read_path: str) -> None:
     """Back-to-back compactions close and delete segments (their descriptor numbers get
     reused by the next outputs) while readers hammer keys that are never overwritten: no
-    read may fail (EBADF, wrong file) and none may come back missing.
+    read may fail (EBADF, wrong file, a closed map) and none may come back missing.
 
-    Some reads pause between the index lookup and their ``pread`` (as a preempted thread
-    would), so that retirements really happen inside reads: only the grace period keeps
-    those reads from a closed or reused descriptor."""
+    Some reads pause between the index lookup and their read (as a preempted thread would),
+    so that retirements really happen inside reads. Through ``pread`` (read maps refused),
+    only the grace period keeps those reads from a closed or reused descriptor; through a
+    read map, the map outlives the retirement of its segment (``segment_log.py``). The value
+    cache is off, so that every read reaches the segment."""
     real_pread = os.pread
     pauses = [0]
+    real_map = segment_log.map_for_reading
+
+    def pausing_map(fd: int, length: int) -> Any:
+        return PausingMap(real_map(fd, length), pauses)
+
+    def no_map(fd: int, length: int) -> Any:
+        raise OSError(errno.ENOMEM, "refused by the test")
+
+    monkeypatch.setattr(segment_log, "map_for_reading", no_map if read_path == "pread" else pausing_map)
 
     def preempted_pread(fd: int, n: int, offset: int) -> bytes:
         if random.random() < 0.002:
@@ -426,7 +456,7 @@ def test_readers_never_fail_while_segments_are_retired(stores: Callable[..., KvS
 
     # get's os.pread (kvstore._pread: the read between the lookup and the checks).
     monkeypatch.setattr(kvstore_module, "_pread", preempted_pread)
-    store = stores(tmp_path, max_segment_bytes=2048, background_compaction=False)
+    store = stores(tmp_path, max_segment_bytes=2048, background_compaction=False, cache_entries=0)
     stable = {f"s{i:04d}": f"stable value {i} " + "s" * (i % 50) for i in range(400)}
     for k, v in stable.items():
         store.set(k, v)
@@ -1117,9 +1147,9 @@ def _unshareable_in_owner(store: KvStore) -> list[str]:
 
 def test_value_cache_entries_are_shareable_across_live_threads(stores: Callable[..., KvStore],
                                                                tmp_path: Path) -> None:
-    """A reader fills the value cache with objects it made (key copy, value, entry tuple):
-    each is marked shareable before the dict store publishes it, so other threads' reads of
-    the cache stay on the lock-free path while that reader lives."""
+    """A reader fills the value cache with objects it made (value, entry tuple): each is
+    marked shareable before the list store publishes it, so other threads' reads of the
+    cache stay on the lock-free path while that reader lives."""
     _require_sharing()
     store = stores(tmp_path, background_compaction=False)
     for i in range(300):
@@ -1129,22 +1159,25 @@ def test_value_cache_entries_are_shareable_across_live_threads(stores: Callable[
     release = threading.Event()
 
     def reader() -> None:
-        for i in range(300):
-            assert store.get(f"key{i}") == f"value{i}" * 3
-        assert store.get("one") == "v"
+        for _ in range(2):  # a value is admitted on its second read (value_cache.py)
+            for i in range(300):
+                assert store.get(f"key{i}") == f"value{i}" * 3
+            assert store.get("one") == "v"
         bad = []
         for cache in store._caches:  # checked here, in the owner (see _unshareable_in_owner)
-            for key, entry in list(cache.items()):
-                bad += [repr(o) for o in (key, entry, entry[1]) if not freethreading.is_shareable(o)]
-        results["bad"] = bad
+            for entry in cache.entries:
+                if entry is not None:
+                    bad += [repr(o) for o in (entry, entry[1]) if not freethreading.is_shareable(o)]
         results["cached"] = store.stats()["cache_entries"]
+        results["bad"] = bad  # last: the test waits for it
         release.wait(30)
 
     t = threading.Thread(target=reader, daemon=True)
     t.start()
     try:
         assert wait_until(lambda: "bad" in results)
-        assert results["cached"] == 301 and results["bad"] == []
+        # Direct-mapped slots: two of the 301 keys may share one (value_cache.py).
+        assert results["cached"] >= 295 and results["bad"] == []
     finally:
         release.set()
         t.join(10)

@@ -83,6 +83,8 @@ class Compaction:
     _stripe_locks: list[threading.Lock]
     _segments: dict[int, Segment]
     _by_fd: dict[int, Segment]
+    _publish_read_map: Callable[[Segment, int], None]
+    _retire_read_map: Callable[[Segment], None]
     _active: Segment
     _sizes: array.array[int]
     _append_lock: threading.Lock
@@ -211,6 +213,7 @@ class Compaction:
                     self._segments[seg.gen] = seg
                     self._by_fd[seg.fd] = seg
                     self._sizes[TOTAL] += seg.size
+                    self._publish_read_map(seg, seg.size)  # complete: read it through a map
         # Outputs and hints are durable; from here on the inputs are redundant.
         marker = self.path / segments.marker_name(major)
         write_durable(marker, b"")
@@ -220,6 +223,7 @@ class Compaction:
                 del self._segments[seg.gen]
                 del self._by_fd[seg.fd]
                 self._sizes[TOTAL] -= seg.size
+                self._retire_read_map(seg)
         for seg in inputs:
             os.close(seg.fd)
             seg.path.unlink(missing_ok=True)

@@ -29,8 +29,9 @@ Readers (here and ``readers.py``)
     1); every key and position published into the index is therefore marked shared first
     (``kvs.freethreading``). Readers announce their reads in a per-thread slot so that
     retired segments are closed only after a grace period (``readers.py`` has the
-    happens-before argument). A value cache per stripe (``_caches``) holds decoded small
-    values; an entry counts only while its position object is the one in the index.
+    happens-before argument). A value cache per stripe (``_caches``, ``value_cache.py``)
+    holds decoded small values read at least twice; an entry counts only while its
+    position object is the one in the index.
 
 Transactions (``transactions.py``), expiry (``expiry.py``), scan (``scanning.py``)
     A transaction's records go to the log in one TXN record (all or nothing after a crash)
@@ -74,7 +75,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from kvs.engine import positions, record, segments
+from kvs.engine import positions, record, segments, value_cache
 from kvs.engine.base import FsyncPolicy, check_fsync_policy
 from kvs.engine.callbacks import CallbackGuard
 from kvs.engine.clock import Clock, wall_clock_ms
@@ -119,6 +120,7 @@ _pack = positions.pack
 _unpack = positions.unpack
 _length = positions.length
 _NARROW_LIMIT = positions.NARROW_LIMIT
+_CACHE_SLOT_SHIFT = value_cache.SLOT_SHIFT
 _WIDE_FD_SHIFT = positions.WIDE_FD_SHIFT
 _WIDE_FD_MASK = positions.WIDE_FD_MASK
 _WIDE_OFFSET_SHIFT = positions.WIDE_OFFSET_SHIFT
@@ -137,9 +139,12 @@ class _ClosedShards:
 
     __slots__ = ()
 
-    def __getitem__(self, _index: int) -> tuple[dict[str, int], dict[str, tuple[int, str | bytes]]]:
+    def __getitem__(self, _index: int) -> Shard:
         raise KvsError("the store is closed")
 
+
+Shard = tuple[dict[str, int], list[tuple[int, str | bytes] | None], bytearray]
+"""What ``get`` loads per stripe: the index stripe, and its cache's entries and tags."""
 
 CLOSED_SHARDS = _ClosedShards()
 """``KvStore._shards`` of a store that is not open (module docstring: one state)."""
@@ -180,7 +185,8 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
         like Redis's AOF rewrite policy; a compaction rewrites every live record). ``stripes``: index stripes (a
         power of two). ``background_compaction=False`` leaves compaction to :meth:`compact`.
         ``cache_entries``: how many decoded values of up to ``cache_value_bytes`` bytes ``get``
-        keeps in memory (spread over the stripes, oldest evicted first; 0 disables it).
+        keeps in memory (at least; direct-mapped slots per stripe, a value admitted on its
+        second read: ``value_cache.py``; 0 disables it).
         ``clock``: the time of expiry (``kvs.engine.clock``); ``expire_sweep_interval``:
         seconds between the background sweeps of expired keys (0: no sweep thread; expired
         keys are invisible either way). A directory of format 1 (kvs 0.1.0) is read as it
@@ -208,7 +214,7 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
             raise KvsError("expire_sweep_interval must be >= 0 seconds")
         store = cls.__new__(cls)
         store._init(Path(path), stripes, max_key_bytes, max_value_bytes,
-                    -(-cache_entries // stripes), cache_value_bytes)  # ceiling: 0 stays 0
+                    value_cache.slots_per_stripe(cache_entries, stripes), cache_value_bytes)
         store._init_log(max_segment_bytes)
         store._init_durability(fsync, fsync_interval)
         store._init_compaction(compaction_threshold, compaction_ratio)
@@ -230,7 +236,7 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
         return store
 
     def _init(self, path: Path, stripes: int, max_key_bytes: int, max_value_bytes: int,
-              cache_per_stripe: int, cache_value_bytes: int) -> None:
+              cache_slots: int, cache_value_bytes: int) -> None:
         """The facade's own state: the index, the value cache, the readers, the lifecycle."""
         self.path = path
         self._max_key = max_key_bytes
@@ -243,16 +249,18 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
             mark_shared(stripe)
         mark_shared(self._stripes)
         self._stripe_locks = [threading.Lock() for _ in range(stripes)]
-        # Value cache: per stripe, key -> (position, value). An entry counts only while its
-        # position object is the one in the index (see get); readers fill it lock-free.
-        self._cache_per_stripe = cache_per_stripe
-        self._cache_value_bytes = cache_value_bytes
-        self._caches: list[dict[str, tuple[int, str | bytes]]] = [{} for _ in range(stripes)]
+        # Value cache (value_cache.py): per stripe, entries and their tags and ghosts. An
+        # entry counts only while its position object is the one in the index (see get);
+        # readers fill it lock-free. Values longer than _cache_value_bytes are not admitted
+        # (-1: none is, the cache is off).
+        self._cache_mask = value_cache.tag_mask(cache_slots)
+        self._cache_value_bytes = cache_value_bytes if cache_slots else -1
+        self._caches = [value_cache.Cache(cache_slots) for _ in range(stripes)]
         for cache in self._caches:
-            mark_shared(cache)
-        mark_shared(self._caches)
-        # What get reads: (index stripe, cache) pairs, one load from self for both.
-        self._shards: list[tuple[dict[str, int], dict[str, tuple[int, str | bytes]]]] | _ClosedShards = CLOSED_SHARDS
+            mark_shared(cache.entries)
+            mark_shared(cache.tags)
+        # What get reads: (index stripe, cache entries, cache tags), one load from self.
+        self._shards: list[Shard] | _ClosedShards = CLOSED_SHARDS
         self._guard = CallbackGuard()
         self._callers = self._guard.inside  # get tests its emptiness (callbacks.py)
         self._readers = ReaderRegistry()
@@ -264,7 +272,8 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
 
     def _publish_open(self) -> None:
         """The store is open from here on: ``get`` finds the shards, ``_check_open`` passes."""
-        shards = list(zip(self._stripes, self._caches, strict=True))
+        shards = [(stripe, cache.entries, cache.tags)
+                  for stripe, cache in zip(self._stripes, self._caches, strict=True)]
         for shard in shards:
             mark_shared(shard)
         mark_shared(shards)
@@ -289,7 +298,7 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
         self._max_key = fresh_shared_int(self._max_key)
         self._max_value = fresh_shared_int(self._max_value)
         self._mask = fresh_shared_int(self._mask)
-        self._cache_per_stripe = fresh_shared_int(self._cache_per_stripe)
+        self._cache_mask = fresh_shared_int(self._cache_mask)
         self._cache_value_bytes = fresh_shared_int(self._cache_value_bytes)
         self._prefault_bytes = fresh_shared_int(self._prefault_bytes)
         mark_shared(self._readers)
@@ -343,7 +352,8 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
             ikey = kb.decode("utf-8", "surrogateescape")
         if self._callers:
             self._guard.check()
-        stripe, cache = self._shards[hash(ikey) & self._mask]  # raises if the store is closed
+        h = hash(ikey)
+        stripe, entries, tags = self._shards[h & self._mask]  # raises if the store is closed
         try:
             pos = stripe[ikey]
         except KeyError:
@@ -354,30 +364,30 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
             return default
         if pos < 0:  # positions.EXPIRES (or a transaction's Pending)
             return self._get_slow(ikey, kb, stripe, default)
-        try:
-            hit = cache[ikey]
-        except KeyError:
-            hit = None
-        if hit is not None and hit[0] is pos:
-            # The cached value belongs to exactly the record the index points to now: the
-            # tuple holds that position object, so it cannot be a recycled identity. (A str
-            # argument with a lone surrogate never hits: _cache_put keeps only keys that
-            # are valid UTF-8.)
-            return hit[1]
+        slot = (h >> _CACHE_SLOT_SHIFT) & self._cache_mask  # the tag's index (value_cache.py)
+        tag = (pos >> 18) & 0xFF  # value_cache.fingerprint, inlined
+        if tags[slot] == tag:
+            hit = entries[slot >> 1]
+            if hit is not None and hit[0] is pos:
+                # The cached value belongs to exactly the record the index points to now
+                # (value_cache.py: why identity is enough, and why a str argument with a
+                # lone surrogate never gets here).
+                return hit[1]
         if kb is None:
             try:
                 kb = ikey.encode()
             except UnicodeEncodeError:  # a lone surrogate: the index key of bytes, not text
                 kb = key_bytes(key, self._max_key)[0]  # raises the proper KvsError
+        maps = self._read_maps
         try:
-            slot = self._reader_local.slot
+            reader = self._reader_local.slot
         except AttributeError:
-            slot = self._readers.register()
-        state = slot[0] + 1  # odd: inside a read (readers.py)
-        slot[0] = state
+            reader = self._readers.register()
+        state = reader[0] + 1  # odd: inside a read (readers.py)
+        reader[0] = state
         try:
             # Look again after announcing the read: only a position loaded inside the
-            # announced section is protected from its segment being closed (readers.py).
+            # announced section is protected from its segment being retired (readers.py).
             try:
                 pos = stripe[ikey]
             except KeyError:
@@ -387,10 +397,17 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
                 # this one has ended (announcements do not nest: a nested one would mark the
                 # slot idle while the outer read still runs, letting a segment close under it).
                 data = None
-            # positions.unpack, inlined (tests/test_kvstore.py checks it against unpack).
+            # positions.unpack, inlined (tests/test_kvstore.py checks it against unpack). A
+            # segment with a read map (segment_log.py) is copied out of it, any other read
+            # with pread.
             elif pos < _NARROW_LIMIT:
                 length = (pos >> 2) & 0xFFFF
-                data = _pread(pos >> 48, length, (pos >> 18) & 0x3FFFFFFF)
+                view = maps[pos >> 48]
+                if view is None:
+                    data = _pread(pos >> 48, length, (pos >> 18) & 0x3FFFFFFF)
+                else:
+                    offset = (pos >> 18) & 0x3FFFFFFF
+                    data = view[offset:offset + length]
             else:
                 length = (pos >> 2) & _WIDE_LENGTH_MASK
                 data = _pread((pos >> _WIDE_FD_SHIFT) & _WIDE_FD_MASK, length,
@@ -398,7 +415,7 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
         except OSError as exc:
             raise KvsError(f"cannot read {self.path}: {exc.strerror}") from None
         finally:
-            slot[0] = (state + 1) & 255
+            reader[0] = (state + 1) & 255
         if data is None:
             return self._get_slow(ikey, kb, stripe, default)
         op, flags, klen, vlen = _HEADER_UNPACK(data)
@@ -413,7 +430,12 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
         else:
             value = data[start:start + vlen].decode()
         if vlen <= self._cache_value_bytes:
-            self._cache_put(cache, kb, pos, value)
+            # Admission (value_cache.py): the second read of the same record in this slot
+            # stores the entry; any other miss only leaves its fingerprint as the ghost.
+            if tags[slot + 1] == tag:
+                self._cache_admit(entries, tags, slot, ikey, kb, pos, value, tag)
+            else:
+                tags[slot + 1] = tag
         return value
 
     def _get_slow(self, ikey: str, kb: bytes | None, stripe: dict[str, int], default: object) -> Any:
@@ -471,35 +493,27 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
         raw = data[start + parsed.klen:start + parsed.klen + parsed.vlen]
         return (raw if parsed.flags & _F_VALUE_BYTES else raw.decode()), parsed.deadline
 
-    def _cache_put(self, cache: dict[str, tuple[int, str | bytes]], kb: bytes, pos: int, value: str | bytes) -> None:
-        """Remember ``value`` as the value of the record at ``pos`` of the key ``kb``.
-        Lock-free: concurrent puts and evictions may race; any entry is only ever used when
-        its position is the one the index holds, so a lost or stale entry costs a re-read,
-        never a wrong value. Only keys that are valid UTF-8 are kept (so that a cache hit
-        needs no check of a ``str`` argument, ``get``). The key, the value and the tuple are
-        new objects of this thread, marked shared before the dict store publishes them
-        (``mark_shared`` and ``str_needs_mark`` inlined, as in ``set``)."""
-        try:
-            key = kb.decode()
-        except UnicodeDecodeError:
-            return
-        if len(cache) >= self._cache_per_stripe:
-            if self._cache_per_stripe == 0:
-                return
+    def _cache_admit(self, entries: list[tuple[int, str | bytes] | None], tags: bytearray, slot: int,
+                     ikey: str, kb: bytes, pos: int, value: str | bytes, tag: int) -> None:
+        """Store the entry ``(pos, value)`` of the key ``ikey`` (bytes ``kb``) in the slot of
+        tag index ``slot`` (``value_cache.py``), unless the key is not valid UTF-8: the entry,
+        then its tag. The value and the tuple are new objects of this thread, marked shared
+        before the list store publishes them (``mark_shared`` and ``str_needs_mark``
+        inlined, as in ``set``)."""
+        if not ikey.isascii():
             try:
-                del cache[next(iter(cache))]  # the oldest entry (dicts keep insertion order)
-            except (StopIteration, RuntimeError, KeyError):
-                pass  # raced with another eviction or insertion: fine
+                kb.decode()
+            except UnicodeDecodeError:
+                return
         entry = (pos, value)
         counts = SHARED_COUNTS
         if counts is not None:
             offset = SHARED_COUNT_OFFSET
-            if len(key) > 1 or (len(key) == 1 and ord(key) > 0xFF):
-                counts[(id(key) + offset) >> 3] = 1
             if len(value) > 1 or (type(value) is str and len(value) == 1 and ord(value) > 0xFF):
                 counts[(id(value) + offset) >> 3] = 1
             counts[(id(entry) + offset) >> 3] = 1
-        cache[key] = entry
+        entries[slot >> 1] = entry
+        tags[slot] = tag
 
     def set(self, key: object, value: object, *, ttl: float | None = None) -> None:
         """Store ``value`` under ``key`` (clearing any expiry; with ``ttl``, the key expires
@@ -728,7 +742,7 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
                     for stripe in self._stripes:
                         stripe.clear()
                     for cache in self._caches:
-                        cache.clear()
+                        value_cache.clear(cache)
                     self._clear_expiry()
                     self._clear_scan_snapshots()
                     self._sizes[LIVE] = 0
@@ -741,6 +755,7 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
                     del self._segments[seg.gen]
                     del self._by_fd[seg.fd]
                     self._sizes[TOTAL] -= seg.size
+                    self._retire_read_map(seg)
             for seg in retired:
                 os.close(seg.fd)
                 seg.path.unlink(missing_ok=True)
@@ -766,7 +781,7 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
                     "live_bytes": self._sizes[LIVE], "total_bytes": self._sizes[TOTAL],
                     "compactions": self.compactions,
                     "active_segment_bytes": active.size, "active_durable_bytes": active.durable,
-                    "cache_entries": sum(len(c) for c in self._caches)}
+                    "cache_entries": sum(value_cache.entries(c) for c in self._caches)}
 
     def _position(self, key: object) -> int | None:
         """The position (``positions.py``) the index holds for ``key``, or None. For tests,

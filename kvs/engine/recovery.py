@@ -86,6 +86,8 @@ class Recovery:
     _sizes: array.array[int]
     _open_segment_file: Callable[[int, bool], Segment]
     _create_segment: Callable[[int], Segment]
+    _publish_read_map: Callable[[Segment, int], None]
+    _retire_read_map: Callable[[Segment], None]
 
     def _recover(self) -> None:
         """Rebuild the index and the byte counts from the directory's files and set the
@@ -122,6 +124,8 @@ class Recovery:
             self._active = last
         else:
             self._active = self._create_segment(segments.gen(next_major))
+        for seg in self._segments.values():
+            self._publish_read_map(seg, seg.size)  # the records replayed (segment_log.py)
         length = positions.length
         self._sizes[LIVE] = sum(length(pos) for s in self._stripes for pos in s.values())
         self._sizes[TOTAL] = sum(s.size for s in self._segments.values())
@@ -136,6 +140,7 @@ class Recovery:
             if g < gen:
                 seg = self._segments.pop(g)
                 del self._by_fd[seg.fd]
+                self._retire_read_map(seg)
                 os.close(seg.fd)
                 seg.path.unlink(missing_ok=True)
                 (self.path / segments.hint_name(g)).unlink(missing_ok=True)

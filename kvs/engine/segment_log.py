@@ -34,6 +34,26 @@ Roll-over and sealing
     last record. A roll-over that fails leaves the segment active and is retried only after
     another ``max_segment_bytes``.
 
+Read maps
+    Readers copy a record out of a read-only shared map of its segment (``_read_maps``,
+    indexed by descriptor), which costs no system call, and ``pread`` the segments that
+    have none (a compaction output until it is finished, a descriptor beyond the list, a
+    map that could not be made). A segment's read map covers every record whose position
+    has been published: the active segment's is made again each time its file grows
+    (:meth:`SegmentLog._allocate`), before the append that needs the new bytes; a
+    compaction's output is mapped once it is complete; recovery maps what it opened. The
+    list store publishing a map comes before (program order, then the sequentially
+    consistent index store) any position a reader could use it for, so a reader that loaded
+    a position finds a map covering it, or ``None``.
+
+    Read maps are never closed: a map that is replaced or retired is only dropped from the
+    list, and unmapped when the last reference goes (a reader copying out of it holds one).
+    That is what makes them safe without a lock: a reader never meets a closed map. The
+    entry is dropped before the segment's descriptor is closed, so a descriptor number
+    reused by a newer segment never finds the old map. A map of the active segment outlives
+    the cut of the file at sealing (its pages past the new end are never read: no record is
+    there). ``docs/architecture.md`` ("The read path") has what this saves.
+
 Locks
     ``_append_lock``: the active segment, its ``Segment`` fields, ``_segments``, ``_by_fd``,
     ``_sizes`` and the roll-over state. ``_map_lock``: held around every ``madvise`` on, and
@@ -54,12 +74,12 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from kvs.engine import segments
+from kvs.engine import positions, segments
 from kvs.engine.base import FsyncPolicy
 from kvs.engine.datadir import fsync_dir
 from kvs.engine.spinlock import acquire_spinning
 from kvs.errors import KvsError
-from kvs.freethreading import share_module_globals
+from kvs.freethreading import mark_shared, share_module_globals
 
 log = logging.getLogger("kvs.engine.kvstore")  # the engine's one logger, whatever module logs
 
@@ -71,6 +91,8 @@ pages of a range in as writes would, without changing their contents. None: not 
 PREFAULT_BYTES = 64 * 1024
 """The pages populated ahead of the appends at a time."""
 _PAGE_MASK = ~(mmap.PAGESIZE - 1)
+READ_MAP_SLOTS = positions.NARROW_FD_LIMIT
+"""Descriptors below this have a slot in ``_read_maps`` (those of narrow positions)."""
 TOTAL, LIVE = 0, 1
 """Indexes of ``KvStore._sizes``: bytes of all segments, bytes of the records the index
 points to."""
@@ -86,6 +108,12 @@ UNMAPPED = _closed_map()
 """``Segment.writer`` of a segment that is not mapped for writing: a closed map, so a write
 into it raises ``ValueError`` instead of reaching memory (``mark`` is 0 then, so no append
 tries: it grows the map first)."""
+
+
+def map_for_reading(fd: int, length: int) -> mmap.mmap:
+    """A read-only shared map of the first ``length`` bytes of ``fd`` (the readers' map of a
+    segment; a test replaces it to pause the copies out of it, or to refuse maps)."""
+    return mmap.mmap(fd, length, access=mmap.ACCESS_READ, trackfd=False)
 
 
 class Segment:
@@ -148,6 +176,32 @@ class SegmentLog:
         # takes too; inside the append lock, that kept the lock held longer and made the
         # other writers spin (docs/free-threading.md, section 2c).
         self._sizes = array.array("q", [0, 0])
+        # The readers' maps by descriptor (module docstring, "Read maps"): changed by list
+        # stores under _append_lock, or by the compactor and recovery for their segments.
+        self._read_maps: list[mmap.mmap | None] = [None] * READ_MAP_SLOTS
+        mark_shared(self._read_maps)  # get loads it from every thread
+
+    # ------------------------------------------------------------------ read maps
+    def _publish_read_map(self, seg: Segment, length: int) -> None:
+        """Give readers a map of ``seg``'s first ``length`` bytes (every record a position
+        published so far or from now until the next call points to is below it). A map
+        that cannot be made leaves the segment to ``pread``."""
+        fd = seg.fd
+        if fd >= READ_MAP_SLOTS or length <= 0:
+            return
+        try:
+            view = map_for_reading(fd, length)
+        except (OSError, ValueError) as exc:
+            self._read_maps[fd] = None
+            log.debug("%s: no read map (%s); reads use pread", seg.path, exc)
+            return
+        mark_shared(view)
+        self._read_maps[fd] = view
+
+    def _retire_read_map(self, seg: Segment) -> None:
+        """Drop ``seg``'s read map; before its descriptor is closed (module docstring)."""
+        if seg.fd < READ_MAP_SLOTS:
+            self._read_maps[seg.fd] = None
 
     # ------------------------------------------------------------------ segment files
     def _open_segment_file(self, g: int, writable: bool) -> Segment:
@@ -183,6 +237,7 @@ class SegmentLog:
         """Close every segment's map and descriptor (``close``, or an ``open`` that failed)."""
         for seg in self._segments.values():
             seg.writer.close()
+            self._retire_read_map(seg)
             os.close(seg.fd)
         self._segments.clear()
         self._by_fd.clear()
@@ -294,6 +349,8 @@ class SegmentLog:
         with self._map_lock:
             seg.writer.close()
         seg.writer = writer
+        # Before the append that needs the new bytes: readers of its position find this map.
+        self._publish_read_map(seg, want)
         seg.allocated = want
         seg.populated = 0
         seg.mark = 0  # _past_mark, which called this, sets it
