@@ -120,7 +120,7 @@ _pack = positions.pack
 _unpack = positions.unpack
 _length = positions.length
 _NARROW_LIMIT = positions.NARROW_LIMIT
-_CACHE_SLOT_SHIFT = value_cache.SLOT_SHIFT
+_SLOT_SHIFT = value_cache.SLOT_SHIFT
 _WIDE_FD_SHIFT = positions.WIDE_FD_SHIFT
 _WIDE_FD_MASK = positions.WIDE_FD_MASK
 _WIDE_OFFSET_SHIFT = positions.WIDE_OFFSET_SHIFT
@@ -143,8 +143,8 @@ class _ClosedShards:
         raise KvsError("the store is closed")
 
 
-Shard = tuple[dict[str, int], list[tuple[int, str | bytes] | None], bytearray]
-"""What ``get`` loads per stripe: the index stripe, and its cache's entries and tags."""
+Shard = tuple[dict[str, int], dict[str, tuple[int, str | bytes]], bytearray]
+"""What ``get`` loads per stripe: the index stripe, and its cache's entries and marks."""
 
 CLOSED_SHARDS = _ClosedShards()
 """``KvStore._shards`` of a store that is not open (module docstring: one state)."""
@@ -185,8 +185,8 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
         like Redis's AOF rewrite policy; a compaction rewrites every live record). ``stripes``: index stripes (a
         power of two). ``background_compaction=False`` leaves compaction to :meth:`compact`.
         ``cache_entries``: how many decoded values of up to ``cache_value_bytes`` bytes ``get``
-        keeps in memory (at least; direct-mapped slots per stripe, a value admitted on its
-        second read: ``value_cache.py``; 0 disables it).
+        keeps in memory (at least; spread over the stripes, oldest evicted first, a value
+        admitted on its second read: ``value_cache.py``; 0 disables it).
         ``clock``: the time of expiry (``kvs.engine.clock``); ``expire_sweep_interval``:
         seconds between the background sweeps of expired keys (0: no sweep thread; expired
         keys are invisible either way). A directory of format 1 (kvs 0.1.0) is read as it
@@ -214,7 +214,7 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
             raise KvsError("expire_sweep_interval must be >= 0 seconds")
         store = cls.__new__(cls)
         store._init(Path(path), stripes, max_key_bytes, max_value_bytes,
-                    value_cache.slots_per_stripe(cache_entries, stripes), cache_value_bytes)
+                    value_cache.limit_per_stripe(cache_entries, stripes), cache_value_bytes)
         store._init_log(max_segment_bytes)
         store._init_durability(fsync, fsync_interval)
         store._init_compaction(compaction_threshold, compaction_ratio)
@@ -236,7 +236,7 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
         return store
 
     def _init(self, path: Path, stripes: int, max_key_bytes: int, max_value_bytes: int,
-              cache_slots: int, cache_value_bytes: int) -> None:
+              cache_limit: int, cache_value_bytes: int) -> None:
         """The facade's own state: the index, the value cache, the readers, the lifecycle."""
         self.path = path
         self._max_key = max_key_bytes
@@ -249,17 +249,19 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
             mark_shared(stripe)
         mark_shared(self._stripes)
         self._stripe_locks = [threading.Lock() for _ in range(stripes)]
-        # Value cache (value_cache.py): per stripe, entries and their tags and ghosts. An
-        # entry counts only while its position object is the one in the index (see get);
+        # Value cache (value_cache.py): per stripe, entries, and marks: per slot a count of
+        # the cached keys there and the ghost that admits them.
+        # An entry counts only while its position object is the one in the index (see get);
         # readers fill it lock-free. Values longer than _cache_value_bytes are not admitted
         # (-1: none is, the cache is off).
-        self._cache_mask = value_cache.tag_mask(cache_slots)
-        self._cache_value_bytes = cache_value_bytes if cache_slots else -1
-        self._caches = [value_cache.Cache(cache_slots) for _ in range(stripes)]
+        self._cache_mask = value_cache.slot_mask(cache_limit)
+        self._cache_limit = cache_limit
+        self._cache_value_bytes = cache_value_bytes if cache_limit else -1
+        self._caches = [value_cache.Cache(cache_limit) for _ in range(stripes)]
         for cache in self._caches:
             mark_shared(cache.entries)
-            mark_shared(cache.tags)
-        # What get reads: (index stripe, cache entries, cache tags), one load from self.
+            mark_shared(cache.marks)
+        # What get reads: (index stripe, cache entries, cache marks), one load from self.
         self._shards: list[Shard] | _ClosedShards = CLOSED_SHARDS
         self._guard = CallbackGuard()
         self._callers = self._guard.inside  # get tests its emptiness (callbacks.py)
@@ -272,7 +274,7 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
 
     def _publish_open(self) -> None:
         """The store is open from here on: ``get`` finds the shards, ``_check_open`` passes."""
-        shards = [(stripe, cache.entries, cache.tags)
+        shards = [(stripe, cache.entries, cache.marks)
                   for stripe, cache in zip(self._stripes, self._caches, strict=True)]
         for shard in shards:
             mark_shared(shard)
@@ -299,6 +301,7 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
         self._max_value = fresh_shared_int(self._max_value)
         self._mask = fresh_shared_int(self._mask)
         self._cache_mask = fresh_shared_int(self._cache_mask)
+        self._cache_limit = fresh_shared_int(self._cache_limit)
         self._cache_value_bytes = fresh_shared_int(self._cache_value_bytes)
         self._prefault_bytes = fresh_shared_int(self._prefault_bytes)
         mark_shared(self._readers)
@@ -353,7 +356,7 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
         if self._callers:
             self._guard.check()
         h = hash(ikey)
-        stripe, entries, tags = self._shards[h & self._mask]  # raises if the store is closed
+        stripe, entries, marks = self._shards[h & self._mask]  # raises if the store is closed
         try:
             pos = stripe[ikey]
         except KeyError:
@@ -364,10 +367,12 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
             return default
         if pos < 0:  # positions.EXPIRES (or a transaction's Pending)
             return self._get_slow(ikey, kb, stripe, default)
-        slot = (h >> _CACHE_SLOT_SHIFT) & self._cache_mask  # the tag's index (value_cache.py)
-        tag = (pos >> 18) & 0xFF  # value_cache.fingerprint, inlined
-        if tags[slot] == tag:
-            hit = entries[slot >> 1]
+        slot = (h >> _SLOT_SHIFT) & self._cache_mask  # even: the slot's count; +1: its ghost
+        if marks[slot]:  # some cached key has this slot: look (value_cache.py)
+            try:
+                hit = entries[ikey]
+            except KeyError:
+                hit = None
             if hit is not None and hit[0] is pos:
                 # The cached value belongs to exactly the record the index points to now
                 # (value_cache.py: why identity is enough, and why a str argument with a
@@ -430,12 +435,13 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
         else:
             value = data[start:start + vlen].decode()
         if vlen <= self._cache_value_bytes:
-            # Admission (value_cache.py): the second read of the same record in this slot
+            # Admission (value_cache.py): the second read of the same record in its slot
             # stores the entry; any other miss only leaves its fingerprint as the ghost.
-            if tags[slot + 1] == tag:
-                self._cache_admit(entries, tags, slot, ikey, kb, pos, value, tag)
+            ghost = (pos >> 18) & 0xFF  # value_cache.fingerprint, inlined
+            if marks[slot + 1] == ghost:
+                self._cache_admit(entries, marks, slot, kb, pos, value)
             else:
-                tags[slot + 1] = tag
+                marks[slot + 1] = ghost
         return value
 
     def _get_slow(self, ikey: str, kb: bytes | None, stripe: dict[str, int], default: object) -> Any:
@@ -493,27 +499,44 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
         raw = data[start + parsed.klen:start + parsed.klen + parsed.vlen]
         return (raw if parsed.flags & _F_VALUE_BYTES else raw.decode()), parsed.deadline
 
-    def _cache_admit(self, entries: list[tuple[int, str | bytes] | None], tags: bytearray, slot: int,
-                     ikey: str, kb: bytes, pos: int, value: str | bytes, tag: int) -> None:
-        """Store the entry ``(pos, value)`` of the key ``ikey`` (bytes ``kb``) in the slot of
-        tag index ``slot`` (``value_cache.py``), unless the key is not valid UTF-8: the entry,
-        then its tag. The value and the tuple are new objects of this thread, marked shared
-        before the list store publishes them (``mark_shared`` and ``str_needs_mark``
-        inlined, as in ``set``)."""
-        if not ikey.isascii():
+    def _cache_admit(self, entries: dict[str, tuple[int, str | bytes]], marks: bytearray, slot: int, kb: bytes,
+                     pos: int, value: str | bytes) -> None:
+        """Store the entry ``(pos, value)`` of the key ``kb``, whose slot is ``slot``
+        (``value_cache.py``), unless the key is not valid UTF-8; a new key into a full stripe
+        after evicting its oldest entry. Counts follow: up for a key that was not there, down
+        for the evicted one. Lock-free: concurrent admissions and evictions may race; that
+        can leave a count too high or too low (a needless lookup, or a later miss) but never
+        a wrong value, because an entry is only ever used when its position is the one the
+        index holds. The key (a copy: the caller's object may be another thread's), the value
+        and the tuple are new objects of this thread, marked shared before the dict store
+        publishes them (``mark_shared`` and ``str_needs_mark`` inlined, as in ``set``)."""
+        try:
+            key = kb.decode()
+        except UnicodeDecodeError:
+            return
+        new_key = key not in entries
+        if new_key and len(entries) >= self._cache_limit:
             try:
-                kb.decode()
-            except UnicodeDecodeError:
-                return
+                oldest = next(iter(entries))  # dicts keep insertion order
+                del entries[oldest]
+            except (StopIteration, RuntimeError, KeyError):
+                pass  # raced with another eviction or admission: fine
+            else:
+                gone = (hash(oldest) >> _SLOT_SHIFT) & self._cache_mask
+                if marks[gone]:
+                    marks[gone] -= 1
         entry = (pos, value)
         counts = SHARED_COUNTS
         if counts is not None:
             offset = SHARED_COUNT_OFFSET
+            if len(key) > 1 or (len(key) == 1 and ord(key) > 0xFF):
+                counts[(id(key) + offset) >> 3] = 1
             if len(value) > 1 or (type(value) is str and len(value) == 1 and ord(value) > 0xFF):
                 counts[(id(value) + offset) >> 3] = 1
             counts[(id(entry) + offset) >> 3] = 1
-        entries[slot >> 1] = entry
-        tags[slot] = tag
+        entries[key] = entry
+        if new_key and marks[slot] < 255:
+            marks[slot] += 1
 
     def set(self, key: object, value: object, *, ttl: float | None = None) -> None:
         """Store ``value`` under ``key`` (clearing any expiry; with ``ttl``, the key expires
