@@ -120,7 +120,7 @@ _pack = positions.pack
 _unpack = positions.unpack
 _length = positions.length
 _NARROW_LIMIT = positions.NARROW_LIMIT
-_SLOT_SHIFT = value_cache.SLOT_SHIFT
+_GHOST_SHIFT = value_cache.GHOST_SHIFT
 _WIDE_FD_SHIFT = positions.WIDE_FD_SHIFT
 _WIDE_FD_MASK = positions.WIDE_FD_MASK
 _WIDE_OFFSET_SHIFT = positions.WIDE_OFFSET_SHIFT
@@ -144,7 +144,7 @@ class _ClosedShards:
 
 
 Shard = tuple[dict[str, int], dict[str, tuple[int, str | bytes]], bytearray]
-"""What ``get`` loads per stripe: the index stripe, and its cache's entries and marks."""
+"""What ``get`` loads per stripe: the index stripe, and its cache's entries and ghosts."""
 
 CLOSED_SHARDS = _ClosedShards()
 """``KvStore._shards`` of a store that is not open (module docstring: one state)."""
@@ -249,19 +249,19 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
             mark_shared(stripe)
         mark_shared(self._stripes)
         self._stripe_locks = [threading.Lock() for _ in range(stripes)]
-        # Value cache (value_cache.py): per stripe, entries, and marks: per slot a count of
-        # the cached keys there and the ghost that admits them.
+        # Value cache (value_cache.py): per stripe, entries, and the ghosts that admit them
+        # once the stripe is full.
         # An entry counts only while its position object is the one in the index (see get);
         # readers fill it lock-free. Values longer than _cache_value_bytes are not admitted
         # (-1: none is, the cache is off).
-        self._cache_mask = value_cache.slot_mask(cache_limit)
+        self._ghost_mask = value_cache.ghost_mask(cache_limit)
         self._cache_limit = cache_limit
         self._cache_value_bytes = cache_value_bytes if cache_limit else -1
         self._caches = [value_cache.Cache(cache_limit) for _ in range(stripes)]
         for cache in self._caches:
             mark_shared(cache.entries)
-            mark_shared(cache.marks)
-        # What get reads: (index stripe, cache entries, cache marks), one load from self.
+            mark_shared(cache.ghosts)
+        # What get reads: (index stripe, cache entries, cache ghosts), one load from self.
         self._shards: list[Shard] | _ClosedShards = CLOSED_SHARDS
         self._guard = CallbackGuard()
         self._callers = self._guard.inside  # get tests its emptiness (callbacks.py)
@@ -274,7 +274,7 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
 
     def _publish_open(self) -> None:
         """The store is open from here on: ``get`` finds the shards, ``_check_open`` passes."""
-        shards = [(stripe, cache.entries, cache.marks)
+        shards = [(stripe, cache.entries, cache.ghosts)
                   for stripe, cache in zip(self._stripes, self._caches, strict=True)]
         for shard in shards:
             mark_shared(shard)
@@ -300,7 +300,7 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
         self._max_key = fresh_shared_int(self._max_key)
         self._max_value = fresh_shared_int(self._max_value)
         self._mask = fresh_shared_int(self._mask)
-        self._cache_mask = fresh_shared_int(self._cache_mask)
+        self._ghost_mask = fresh_shared_int(self._ghost_mask)
         self._cache_limit = fresh_shared_int(self._cache_limit)
         self._cache_value_bytes = fresh_shared_int(self._cache_value_bytes)
         self._prefault_bytes = fresh_shared_int(self._prefault_bytes)
@@ -356,7 +356,7 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
         if self._callers:
             self._guard.check()
         h = hash(ikey)
-        stripe, entries, marks = self._shards[h & self._mask]  # raises if the store is closed
+        stripe, entries, ghosts = self._shards[h & self._mask]  # raises if the store is closed
         try:
             pos = stripe[ikey]
         except KeyError:
@@ -367,17 +367,15 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
             return default
         if pos < 0:  # positions.EXPIRES (or a transaction's Pending)
             return self._get_slow(ikey, kb, stripe, default)
-        slot = (h >> _SLOT_SHIFT) & self._cache_mask  # even: the slot's count; +1: its ghost
-        if marks[slot]:  # some cached key has this slot: look (value_cache.py)
-            try:
-                hit = entries[ikey]
-            except KeyError:
-                hit = None
-            if hit is not None and hit[0] is pos:
-                # The cached value belongs to exactly the record the index points to now
-                # (value_cache.py: why identity is enough, and why a str argument with a
-                # lone surrogate never gets here).
-                return hit[1]
+        try:
+            hit = entries[ikey]
+        except KeyError:
+            hit = None
+        if hit is not None and hit[0] is pos:
+            # The cached value belongs to exactly the record the index points to now
+            # (value_cache.py: why identity is enough, and why a str argument with a lone
+            # surrogate never gets here).
+            return hit[1]
         if kb is None:
             try:
                 kb = ikey.encode()
@@ -435,13 +433,18 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
         else:
             value = data[start:start + vlen].decode()
         if vlen <= self._cache_value_bytes:
-            # Admission (value_cache.py): the second read of the same record in its slot
-            # stores the entry; any other miss only leaves its fingerprint as the ghost.
-            ghost = (pos >> 18) & 0xFF  # value_cache.fingerprint, inlined
-            if marks[slot + 1] == ghost:
-                self._cache_admit(entries, marks, slot, kb, pos, value)
+            # Admission (value_cache.py): into a stripe with room, any read; into a full one,
+            # the second read of the same record in its ghost slot; any other miss only
+            # leaves its fingerprint there.
+            if len(entries) < self._cache_limit:
+                self._cache_admit(entries, kb, pos, value)
             else:
-                marks[slot + 1] = ghost
+                slot = (h >> _GHOST_SHIFT) & self._ghost_mask
+                ghost = (pos >> 18) & 0xFF  # value_cache.fingerprint, inlined
+                if ghosts[slot] == ghost:
+                    self._cache_admit(entries, kb, pos, value)
+                else:
+                    ghosts[slot] = ghost
         return value
 
     def _get_slow(self, ikey: str, kb: bytes | None, stripe: dict[str, int], default: object) -> Any:
@@ -499,32 +502,25 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
         raw = data[start + parsed.klen:start + parsed.klen + parsed.vlen]
         return (raw if parsed.flags & _F_VALUE_BYTES else raw.decode()), parsed.deadline
 
-    def _cache_admit(self, entries: dict[str, tuple[int, str | bytes]], marks: bytearray, slot: int, kb: bytes,
-                     pos: int, value: str | bytes) -> None:
-        """Store the entry ``(pos, value)`` of the key ``kb``, whose slot is ``slot``
-        (``value_cache.py``), unless the key is not valid UTF-8; a new key into a full stripe
-        after evicting its oldest entry. Counts follow: up for a key that was not there, down
-        for the evicted one. Lock-free: concurrent admissions and evictions may race; that
-        can leave a count too high or too low (a needless lookup, or a later miss) but never
-        a wrong value, because an entry is only ever used when its position is the one the
-        index holds. The key (a copy: the caller's object may be another thread's), the value
-        and the tuple are new objects of this thread, marked shared before the dict store
-        publishes them (``mark_shared`` and ``str_needs_mark`` inlined, as in ``set``)."""
+    def _cache_admit(self, entries: dict[str, tuple[int, str | bytes]], kb: bytes, pos: int,
+                     value: str | bytes) -> None:
+        """Store the entry ``(pos, value)`` of the key ``kb`` (``value_cache.py``), unless the
+        key is not valid UTF-8; a new key into a full stripe after evicting its oldest entry.
+        Lock-free: concurrent admissions and evictions may race; an entry is only ever used
+        when its position is the one the index holds, so a lost or stale entry costs a
+        re-read, never a wrong value. The key (a copy: the caller's object may be another
+        thread's), the value and the tuple are new objects of this thread, marked shared
+        before the dict store publishes them (``mark_shared`` and ``str_needs_mark``
+        inlined, as in ``set``)."""
         try:
             key = kb.decode()
         except UnicodeDecodeError:
             return
-        new_key = key not in entries
-        if new_key and len(entries) >= self._cache_limit:
+        if len(entries) >= self._cache_limit and key not in entries:
             try:
-                oldest = next(iter(entries))  # dicts keep insertion order
-                del entries[oldest]
+                del entries[next(iter(entries))]  # the oldest entry (dicts keep insertion order)
             except (StopIteration, RuntimeError, KeyError):
                 pass  # raced with another eviction or admission: fine
-            else:
-                gone = (hash(oldest) >> _SLOT_SHIFT) & self._cache_mask
-                if marks[gone]:
-                    marks[gone] -= 1
         entry = (pos, value)
         counts = SHARED_COUNTS
         if counts is not None:
@@ -535,8 +531,6 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
                 counts[(id(value) + offset) >> 3] = 1
             counts[(id(entry) + offset) >> 3] = 1
         entries[key] = entry
-        if new_key and marks[slot] < 255:
-            marks[slot] += 1
 
     def set(self, key: object, value: object, *, ttl: float | None = None) -> None:
         """Store ``value`` under ``key`` (clearing any expiry; with ``ttl``, the key expires
