@@ -30,8 +30,8 @@ Readers (here and ``readers.py``)
     (``kvs.freethreading``). Readers announce their reads in a per-thread slot so that
     retired segments are closed only after a grace period (``readers.py`` has the
     happens-before argument). A value cache per stripe (``_caches``, ``value_cache.py``)
-    holds decoded small values read at least twice; an entry counts only while its
-    position object is the one in the index.
+    holds decoded small values (once it is full, of records read twice); an entry counts
+    only while its position object is the one in the index.
 
 Transactions (``transactions.py``), expiry (``expiry.py``), scan (``scanning.py``)
     A transaction's records go to the log in one TXN record (all or nothing after a crash)
@@ -185,8 +185,8 @@ class KvStore(SegmentLog, Durability, Recovery, Compaction, Expiry, Transactions
         like Redis's AOF rewrite policy; a compaction rewrites every live record). ``stripes``: index stripes (a
         power of two). ``background_compaction=False`` leaves compaction to :meth:`compact`.
         ``cache_entries``: how many decoded values of up to ``cache_value_bytes`` bytes ``get``
-        keeps in memory (at least; spread over the stripes, oldest evicted first, a value
-        admitted on its second read: ``value_cache.py``; 0 disables it).
+        keeps in memory (at least; spread over the stripes, oldest evicted first; once full,
+        a value is admitted on its second read: ``value_cache.py``; 0 disables it).
         ``clock``: the time of expiry (``kvs.engine.clock``); ``expire_sweep_interval``:
         seconds between the background sweeps of expired keys (0: no sweep thread; expired
         keys are invisible either way). A directory of format 1 (kvs 0.1.0) is read as it
