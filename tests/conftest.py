@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
 import pytest
 
+from kvs.engine.kvstore import KvStore
 from kvs.server.fd_limit import raise_open_file_limit
 from kvs.server.server import IO_MODELS
 from tests import netutil
@@ -14,6 +19,22 @@ def io_model(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     """Run the test once per server I/O model (servers started through ``tests.netutil``)."""
     monkeypatch.setattr(netutil, "IO_MODEL", request.param)
     return request.param
+
+
+@pytest.fixture
+def stores() -> Iterator[Callable[..., KvStore]]:
+    """``stores(path, **options)`` opens a KvStore that is closed at the end of the test
+    (test modules that need other engines too define a ``stores`` of their own)."""
+    opened: list[KvStore] = []
+
+    def open_(path: Path, **options: Any) -> KvStore:
+        store = KvStore.open(path, **options)
+        opened.append(store)
+        return store
+
+    yield open_
+    for store in opened:
+        store.close()
 
 
 def pytest_configure(config: pytest.Config) -> None:

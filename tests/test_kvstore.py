@@ -179,21 +179,6 @@ def test_both_engines_check_the_fsync_policy_the_same_way(
         check_fsync_policy(bad)
 
 
-@pytest.fixture
-def stores() -> Iterator[Callable[..., KvStore]]:
-    """``stores(path, **options)`` opens a KvStore that is closed at the end of the test."""
-    opened: list[KvStore] = []
-
-    def open_(path: Path, **options: Any) -> KvStore:
-        store = KvStore.open(path, **options)
-        opened.append(store)
-        return store
-
-    yield open_
-    for store in opened:
-        store.close()
-
-
 # =========================================================================== course ports
 def test_get_stored_value(open_engine: Callable[..., Any], tmp_path: Path) -> None:
     store = open_engine(tmp_path)

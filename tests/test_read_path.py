@@ -8,7 +8,7 @@ import errno
 import os
 import random
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +20,6 @@ from kvs.errors import KvsError
 from tests.helpers import run_threads
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def stores() -> Iterator[Callable[..., KvStore]]:
-    opened: list[KvStore] = []
-
-    def open_(path: Path, **options: Any) -> KvStore:
-        store = KvStore.open(path, **options)
-        opened.append(store)
-        return store
-
-    yield open_
-    for store in opened:
-        store.close()
 
 
 @pytest.fixture
